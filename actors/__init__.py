@@ -1,0 +1,1 @@
+"""Ray actors: rollout generator, verifier pool, replay buffer, learner."""
