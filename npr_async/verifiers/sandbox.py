@@ -1,0 +1,269 @@
+"""Run an untrusted Python program in a bubblewrap sandbox, bounded in time, memory, processes and output.
+
+Isolation (mode "bwrap"): new user, pid, net, ipc and uts namespaces; read-only /usr (+ /lib, /bin, the
+interpreter's prefix); a private size-limited tmpfs /tmp as cwd; an empty environment; no further user
+namespaces. Limits: rlimits on CPU seconds, address space, processes, file size and open files, a wall-clock
+timeout, output caps; the whole process group is SIGKILLed at the end, and bwrap's pid namespace takes every
+descendant with it when its init dies. Mode "rlimit" keeps only the rlimits and the group kill: weaker, and
+used only when the config chooses it explicitly.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import resource
+import secrets
+import selectors
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import msgspec
+
+BWRAP = shutil.which("bwrap") or "/usr/bin/bwrap"
+
+
+class SandboxUnavailable(RuntimeError):
+    """bubblewrap cannot run here and the weaker rlimit-only mode was not chosen."""
+
+
+class Limits(msgspec.Struct, frozen=True, kw_only=True):
+    wall_s: float = 5.0
+    cpu_s: int = 4
+    memory_mb: int = 512  # address space (RLIMIT_AS) of every process in the sandbox
+    max_procs: int = 32  # RLIMIT_NPROC, counted per (outer) uid: each run gets its own uid when we are root
+    file_mb: int = 16  # RLIMIT_FSIZE: the largest file a program may write
+    tmp_mb: int = 64  # size of the private /tmp
+    open_files: int = 64
+    output_kb: int = 256  # stdout and stderr are each cut here and the run is killed
+
+
+class Result(msgspec.Struct, kw_only=True):
+    returncode: int | None  # None: killed by us (timeout or output limit)
+    stdout: str
+    stderr: str
+    timed_out: bool = False
+    output_limited: bool = False
+    wall_s: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return self.returncode == 0 and not self.timed_out and not self.output_limited
+
+
+def sandbox_python(configured: str = "") -> str:
+    """The interpreter to run inside: the configured one, else the system python3, else our own (real path)."""
+    if configured:
+        return configured
+    if os.path.exists("/usr/bin/python3"):  # lives under /usr: no extra bind needed
+        return "/usr/bin/python3"
+    return os.path.realpath(sys.executable)
+
+
+def _python_binds(python: str) -> list[str]:
+    """Read-only binds for an interpreter outside /usr (e.g. pyenv): its install prefix."""
+    real = os.path.realpath(python)
+    if real.startswith("/usr/"):
+        return []
+    prefix = str(Path(real).parent.parent)  # <prefix>/bin/python3.x -> <prefix> holds lib/python3.x
+    return ["--ro-bind", prefix, prefix]
+
+
+def _root_binds() -> list[str]:
+    args = ["--ro-bind", "/usr", "/usr"]
+    for d in ("/bin", "/sbin", "/lib", "/lib64", "/lib32"):
+        if os.path.islink(d):  # merged-/usr systems: /lib -> usr/lib
+            args += ["--symlink", os.readlink(d), d]
+        elif os.path.isdir(d):
+            args += ["--ro-bind", d, d]
+    for f in ("/etc/ld.so.cache", "/etc/localtime"):  # the minimal /etc a python needs
+        args += ["--ro-bind-try", f, f]
+    return args
+
+
+def bwrap_argv(python: str, workdir: str, limits: Limits, uid_inside: int = 1000) -> list[str]:
+    return [
+        BWRAP, "--unshare-user", "--unshare-pid", "--unshare-net", "--unshare-ipc", "--unshare-uts",
+        "--disable-userns", "--die-with-parent", "--new-session", "--clearenv",
+        "--uid", str(uid_inside), "--gid", str(uid_inside), "--hostname", "sandbox",
+        *_root_binds(), *_python_binds(python),
+        "--proc", "/proc", "--dev", "/dev",
+        "--size", str(limits.tmp_mb << 20), "--tmpfs", "/tmp",
+        "--ro-bind", workdir, "/input", "--chdir", "/tmp",
+        "--setenv", "PATH", "/usr/bin:/bin", "--setenv", "HOME", "/tmp", "--setenv", "LANG", "C.UTF-8",
+    ]
+
+
+@functools.lru_cache(maxsize=4)
+def bwrap_works(python: str) -> str | None:
+    """None when a trivial program runs under bwrap here, else the reason it cannot."""
+    if not os.path.exists(BWRAP):
+        return f"bubblewrap not found ({BWRAP}); install the Debian package `bubblewrap`"
+    with tempfile.TemporaryDirectory() as d:
+        os.chmod(d, 0o755)
+        try:
+            r = subprocess.run([*bwrap_argv(python, d, Limits()), python, "-I", "-c", "print(1)"],
+                               capture_output=True, timeout=30, preexec_fn=_drop_privileges(_fresh_uid()))
+        except (OSError, subprocess.SubprocessError) as e:
+            return f"bubblewrap failed to start: {e}"
+    if r.returncode != 0 or r.stdout.strip() != b"1":
+        return f"bubblewrap cannot run here (rc {r.returncode}): {r.stderr.decode(errors='replace')[-300:]}"
+    return None
+
+
+def _fresh_uid() -> int | None:
+    """As root, run each sandbox as its own unused uid: RLIMIT_NPROC is not enforced for uid 0, and it
+    is counted per uid, so a private uid makes the process limit exact and independent of other runs."""
+    return 200_000 + secrets.randbelow(1 << 24) if os.geteuid() == 0 else None
+
+
+def _drop_privileges(uid: int | None):
+    def pre() -> None:
+        if uid is not None:
+            os.setgroups([])
+            os.setgid(uid)
+            os.setuid(uid)
+    return pre
+
+
+def _limit_fn(limits: Limits, uid: int | None):
+    # Not root: the process count is shared with our own uid, so allow what is running already on top.
+    base = 0 if uid is not None else _count_own_processes()
+
+    def pre() -> None:
+        mb = 1 << 20
+        for res, value in ((resource.RLIMIT_CPU, limits.cpu_s), (resource.RLIMIT_AS, limits.memory_mb * mb),
+                           (resource.RLIMIT_NPROC, base + limits.max_procs),
+                           (resource.RLIMIT_FSIZE, limits.file_mb * mb), (resource.RLIMIT_NOFILE, limits.open_files),
+                           (resource.RLIMIT_CORE, 0)):
+            resource.setrlimit(res, (value, value))
+        _drop_privileges(uid)()
+    return pre
+
+
+def _count_own_processes() -> int:
+    uid, n = os.getuid(), 0
+    for p in os.listdir("/proc"):
+        try:
+            if p.isdigit() and os.stat(f"/proc/{p}").st_uid == uid:
+                n += 1
+        except OSError:
+            pass
+    return n
+
+
+def run_python(program: str, stdin: str = "", limits: Limits = Limits(), mode: str = "bwrap",
+               python: str = "") -> Result:
+    """Run `program` (Python source) with `stdin`; never raises for anything the program does."""
+    python = sandbox_python(python)
+    with tempfile.TemporaryDirectory(prefix="npr-sbx-") as workdir:
+        os.chmod(workdir, 0o755)  # readable by the sandbox's unprivileged uid
+        prog = Path(workdir, "main.py")
+        prog.write_text(program)
+        prog.chmod(0o644)
+        if mode == "bwrap":
+            why = bwrap_works(python)
+            if why:
+                raise SandboxUnavailable(why + " (set verifier.sandbox: rlimit to accept the weaker rlimit-only mode)")
+            argv = [*bwrap_argv(python, workdir, limits), python, "-I", "/input/main.py"]
+            cwd, env = "/", {}
+        elif mode == "rlimit":
+            argv, cwd, env = [python, "-I", str(prog)], workdir, {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"}
+        else:
+            raise ValueError(f"unknown sandbox mode {mode!r} (bwrap | rlimit)")
+        uid = _fresh_uid()
+        proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                cwd=cwd, env=env, start_new_session=True, preexec_fn=_limit_fn(limits, uid))
+        try:
+            return _communicate(proc, stdin.encode(), limits)
+        finally:
+            _kill_group(proc, uid)
+
+
+def _communicate(proc: subprocess.Popen, data: bytes, limits: Limits) -> Result:
+    """Feed stdin and read both pipes until exit, the wall deadline or the output cap, whichever first."""
+    start = time.monotonic()
+    deadline = start + limits.wall_s
+    cap = limits.output_kb << 10
+    bufs = {proc.stdout: bytearray(), proc.stderr: bytearray()}
+    sel = selectors.DefaultSelector()
+    for f in bufs:
+        os.set_blocking(f.fileno(), False)
+        sel.register(f, selectors.EVENT_READ)
+    if data:
+        os.set_blocking(proc.stdin.fileno(), False)
+        sel.register(proc.stdin, selectors.EVENT_WRITE)
+    else:
+        proc.stdin.close()
+    timed_out = limited = False
+    while sel.get_map():
+        left = deadline - time.monotonic()
+        if left <= 0:
+            timed_out = True
+            break
+        for key, _ in sel.select(timeout=left):
+            f = key.fileobj
+            if f is proc.stdin:
+                try:
+                    n = os.write(f.fileno(), data[:65536])
+                except (BrokenPipeError, OSError):
+                    n = len(data)
+                data = data[n:]
+                if not data:
+                    sel.unregister(f)
+                    f.close()
+                continue
+            chunk = os.read(f.fileno(), 65536)
+            if not chunk:
+                sel.unregister(f)
+                continue
+            bufs[f] += chunk
+            if len(bufs[f]) > cap:
+                limited = True
+        if limited:
+            break
+    if timed_out or limited:
+        code = None
+    else:
+        try:
+            code = proc.wait(timeout=max(0.05, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            code, timed_out = None, True
+    sel.close()
+    out, err = (bytes(bufs[f][:cap]).decode(errors="replace") for f in (proc.stdout, proc.stderr))
+    return Result(returncode=code, stdout=out, stderr=err, timed_out=timed_out, output_limited=limited,
+                  wall_s=time.monotonic() - start)
+
+
+def _kill_group(proc: subprocess.Popen, uid: int | None) -> None:
+    """SIGKILL the session we started (bwrap, or the program in rlimit mode) and anything left of its uid."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    if uid is not None:  # programs that called setsid() left our group; their private uid still names them
+        _kill_uid(uid)
+    for f in (proc.stdin, proc.stdout, proc.stderr):
+        try:
+            f.close()
+        except OSError:
+            pass
+    try:
+        proc.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        pass
+
+
+def _kill_uid(uid: int) -> None:
+    for p in os.listdir("/proc"):
+        if not p.isdigit():
+            continue
+        try:
+            if os.stat(f"/proc/{p}").st_uid == uid:
+                os.kill(int(p), signal.SIGKILL)
+        except OSError:
+            pass
