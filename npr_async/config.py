@@ -88,6 +88,12 @@ class VerifierConfig(Section):
     timeout_s: PosFloat = 10.0
     sandbox: Literal["bwrap", "rlimit"] = "bwrap"  # rlimit-only is weaker and must be chosen explicitly
     format_reward: Literal["none", "stage1", "filter"] = "filter"
+    # code verifier: limits of one sandboxed run (one test case)
+    sandbox_python: str = ""  # interpreter inside the sandbox; empty: /usr/bin/python3, else our own
+    code_timeout_s: PosFloat = 4.0  # wall clock per run (CPU seconds: the same, rounded up)
+    code_memory_mb: Pos = 512  # address space per process
+    code_max_procs: Pos = 32
+    code_output_kb: Pos = 256
 
 
 class BufferConfig(Section):

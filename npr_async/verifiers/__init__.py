@@ -12,6 +12,8 @@ import importlib
 import inspect
 from typing import Any
 
+import msgspec
+
 from npr_async.verifiers.base import Verdict, Verifier, VerifierError, error_verdict, from_bool
 
 __all__ = ["BUILTINS", "Verdict", "Verifier", "VerifierError", "error_verdict", "from_bool", "get_verifier",
@@ -64,7 +66,7 @@ def resolve(name_or_dotted: str, plugins: dict[str, str] | None = None) -> Any:
 def get_verifier(name_or_dotted: str, config: Any = None) -> Verifier:
     """A ready verifier instance, cached per (name, config). `config` is a VerifierConfig (or None)."""
     plugins = dict(getattr(config, "plugins", None) or {})
-    key = (name_or_dotted, id(config))
+    key = (name_or_dotted, msgspec.json.encode(config) if config is not None else b"")
     if key in _instances:
         return _instances[key]
     cls = resolve(name_or_dotted, plugins)
