@@ -1,0 +1,249 @@
+"""One decoder for Qwen3 and the Llama / Qwen2 family, shared by the engine and the learner.
+
+Tokens are flat (no batch dimension): packed sequences or all live branches concatenated. Attention is
+delegated to a backend called as `attn(layer_idx, q, k, v)` after q/k-norm and RoPE, so the same module
+serves masked training (engine/attention.py) and paged decoding over KV slots. Parameter names equal
+HF's, so HF state dicts load with `load_state_dict(strict=True)` and our state dicts save as HF checkpoints.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3")
+
+
+@dataclass
+class ModelArgs:
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: dict[str, Any] | None = None  # rope_type + its parameters; None = default RoPE
+    max_position_embeddings: int = 4096
+    tie_word_embeddings: bool = False
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
+    qk_norm: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_hf_config(cls, cfg: dict[str, Any]) -> "ModelArgs":
+        mt = cfg.get("model_type")
+        if mt not in SUPPORTED_MODEL_TYPES:
+            raise ValueError(f"unsupported model_type {mt!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
+        if cfg.get("hidden_act", "silu") != "silu":
+            raise ValueError(f"unsupported hidden_act {cfg['hidden_act']!r} (only silu / SwiGLU)")
+        if cfg.get("use_sliding_window"):
+            raise ValueError("sliding-window attention is not supported (use_sliding_window=true)")
+        # transformers 5 keeps theta and scaling in `rope_parameters`; older configs use rope_theta/rope_scaling.
+        rope = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
+        theta = float(rope.pop("rope_theta", cfg.get("rope_theta", 10000.0)))
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        scaling = None if rope_type == "default" else {**rope, "rope_type": rope_type}
+        if scaling is not None and rope_type == "llama3":
+            scaling.setdefault("original_max_position_embeddings", cfg.get("max_position_embeddings"))
+        heads = cfg["num_attention_heads"]
+        bias = bool(cfg.get("attention_bias", False))
+        return cls(
+            model_type=mt, vocab_size=cfg["vocab_size"], hidden_size=cfg["hidden_size"],
+            intermediate_size=cfg["intermediate_size"], num_layers=cfg["num_hidden_layers"], num_heads=heads,
+            num_kv_heads=cfg.get("num_key_value_heads") or heads,
+            head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
+            rms_norm_eps=cfg.get("rms_norm_eps", 1e-6), rope_theta=theta, rope_scaling=scaling,
+            max_position_embeddings=cfg.get("max_position_embeddings", 4096),
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            qkv_bias=True if mt == "qwen2" else bias,  # Qwen2 always has q/k/v bias and no o bias
+            o_bias=False if mt == "qwen2" else bias,
+            mlp_bias=bool(cfg.get("mlp_bias", False)), qk_norm=mt == "qwen3",
+        )
+
+
+def rope_inv_freq(args: ModelArgs) -> torch.Tensor:
+    """Inverse frequencies as HF computes them (default, linear and llama3 scaling)."""
+    dim = args.head_dim
+    ar = torch.arange(0, dim, 2, dtype=torch.int64, device="cpu").float()  # cpu: also under a meta-device init
+    inv = 1.0 / (args.rope_theta ** (ar / dim))
+    sc = args.rope_scaling
+    if sc is None:
+        return inv
+    kind = sc["rope_type"]
+    if kind == "linear":
+        return inv / sc["factor"]
+    if kind == "llama3":
+        factor, lo, hi = sc["factor"], sc["low_freq_factor"], sc["high_freq_factor"]
+        old = sc["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv
+        scaled = torch.where(wavelen > old / lo, inv / factor, inv)
+        smooth = (old / wavelen - lo) / (hi - lo)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < old / hi) * ~(wavelen > old / lo)
+        return torch.where(medium, smoothed, scaled)
+    raise ValueError(f"unsupported rope_type {kind!r} (supported: default, linear, llama3)")
+
+
+class Rotary(nn.Module):
+    """RoPE with a cos/sin table indexed by position; positions may be arbitrary (forks reuse them)."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        # Plain tensors, not buffers: `model.to(bfloat16)` must not round the frequencies.
+        self.inv_freq = rope_inv_freq(args)  # float32 [Dh/2]
+        self._cos_sin: torch.Tensor | None = None  # [n, 2, Dh/2] float32, grown on demand
+
+    def ensure(self, n: int, device: torch.device | None = None) -> torch.Tensor:
+        """Make the table cover positions < n (call ahead of CUDA-graph capture)."""
+        device = torch.device(device or "cpu")
+        t = self._cos_sin
+        if t is None or t.shape[0] < n or t.device != device:
+            size = max(n, 2 * t.shape[0] if t is not None and t.device == device else 0, 256)
+            # Same arithmetic as HF: float(position) * inv_freq in float32.
+            freqs = torch.arange(size, device=device, dtype=torch.float32)[:, None] * self.inv_freq.to(device)[None]
+            self._cos_sin = t = torch.stack([freqs.cos(), freqs.sin()], dim=1)
+        return t
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """x [T, H, Dh] rotated by positions [T] (HF's rotate_half layout)."""
+        n = int(positions.max()) + 1 if positions.numel() else 1
+        cs = self.ensure(n, x.device)[positions].to(x.dtype)  # [T, 2, Dh/2]
+        cos = torch.cat([cs[:, 0], cs[:, 0]], -1)[:, None]
+        sin = torch.cat([cs[:, 1], cs[:, 1]], -1)[:, None]
+        x1, x2 = x.chunk(2, dim=-1)
+        return x * cos + torch.cat([-x2, x1], -1) * sin
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype  # normalise in float32, scale in the input dtype (as HF)
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs, layer_idx: int):
+        super().__init__()
+        self.layer_idx, self.hq, self.hkv, self.dh = layer_idx, args.num_heads, args.num_kv_heads, args.head_dim
+        d = args.hidden_size
+        self.q_proj = nn.Linear(d, self.hq * self.dh, bias=args.qkv_bias)
+        self.k_proj = nn.Linear(d, self.hkv * self.dh, bias=args.qkv_bias)
+        self.v_proj = nn.Linear(d, self.hkv * self.dh, bias=args.qkv_bias)
+        self.o_proj = nn.Linear(self.hq * self.dh, d, bias=args.o_bias)
+        if args.qk_norm:  # Qwen3: RMSNorm over each head's vector, before RoPE
+            self.q_norm = RMSNorm(self.dh, args.rms_norm_eps)
+            self.k_norm = RMSNorm(self.dh, args.rms_norm_eps)
+
+    def forward(self, x, positions, rotary: Rotary, attn) -> torch.Tensor:
+        t = x.shape[0]
+        q = self.q_proj(x).view(t, self.hq, self.dh)
+        k = self.k_proj(x).view(t, self.hkv, self.dh)
+        v = self.v_proj(x).view(t, self.hkv, self.dh)
+        if hasattr(self, "q_norm"):
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = rotary(q, positions), rotary(k, positions)
+        o = attn(self.layer_idx, q, k, v)
+        return self.o_proj(o.reshape(t, self.hq * self.dh))
+
+
+class MLP(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        d, i, b = args.hidden_size, args.intermediate_size, args.mlp_bias
+        self.gate_proj, self.up_proj, self.down_proj = nn.Linear(d, i, bias=b), nn.Linear(d, i, bias=b), nn.Linear(i, d, bias=b)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, args: ModelArgs, layer_idx: int):
+        super().__init__()
+        self.self_attn = Attention(args, layer_idx)
+        self.mlp = MLP(args)
+        self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+
+    def forward(self, x, positions, rotary, attn):
+        x = x + self.self_attn(self.input_layernorm(x), positions, rotary, attn)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Decoder(nn.Module):  # HF's `model.` prefix
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(args, i) for i in range(args.num_layers))
+        self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.rotary_emb = Rotary(args)
+
+
+class CausalLM(nn.Module):
+    """`forward(input_ids [T], positions [T], attn) -> hidden [T, D]`; `compute_logits(hidden) -> [T, V] f32`."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.model = Decoder(args)
+        self.gradient_checkpointing = False  # learner: recompute each layer in backward
+        if not args.tie_word_embeddings:
+            self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+        else:  # tied: no lm_head parameter; accept (and drop) the duplicate key HF state dicts carry
+            self._register_load_state_dict_pre_hook(_drop_tied_head, with_module=True)
+
+    @property
+    def head_weight(self) -> torch.Tensor:
+        return self.model.embed_tokens.weight if self.args.tie_word_embeddings else self.lm_head.weight
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn) -> torch.Tensor:
+        if input_ids.dim() != 1 or positions.shape != input_ids.shape:
+            raise ValueError(f"flat tokens expected: input_ids {tuple(input_ids.shape)}, positions {tuple(positions.shape)}")
+        m = self.model
+        x = m.embed_tokens(input_ids)
+        for layer in m.layers:
+            if self.gradient_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(layer, x, positions, m.rotary_emb, attn, use_reentrant=False)
+            else:
+                x = layer(x, positions, m.rotary_emb, attn)
+        return m.norm(x)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return F.linear(hidden, self.head_weight).float()
+
+    @torch.no_grad()
+    def load_weights(self, named_tensors) -> int:
+        """Copy (name, tensor) pairs in place (weight updates, loaders); returns how many were copied."""
+        params = dict(self.named_parameters())
+        n = 0
+        for name, t in named_tensors:
+            if name == "lm_head.weight" and self.args.tie_word_embeddings:
+                continue
+            if name not in params:
+                raise KeyError(f"unknown parameter {name!r}")
+            p = params[name]
+            if p.shape != t.shape:
+                raise ValueError(f"{name}: shape {tuple(t.shape)} != {tuple(p.shape)}")
+            p.copy_(t)
+            n += 1
+        return n
+
+
+def _drop_tied_head(module, state_dict, prefix, *args, **kwargs):
+    state_dict.pop(prefix + "lm_head.weight", None)
