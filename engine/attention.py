@@ -28,8 +28,9 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor |
          is_causal: bool = False) -> torch.Tensor:
     """SDPA over flat tokens: q [Tq, Hq, Dh], k/v [Tk, Hkv, Dh], mask bool [Tq, Tk] -> [Tq, Hq, Dh].
 
-    GQA by expanding k/v to Hq heads: `enable_gqa` is not taken by every CPU / mask combination on
-    torch 2.11, and the expand is a view until SDPA needs it contiguous.
+    GQA by repeating k/v to Hq heads: torch documents `enable_gqa` as experimental and supported only by
+    the flash and math kernels, and flash takes no mask, so a masked call would drop to math anyway; with
+    repeated heads the memory-efficient kernel (which takes bool masks) stays eligible on GPU.
     """
     hq, hkv = q.shape[1], k.shape[1]
     if hq != hkv:
