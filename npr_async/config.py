@@ -117,9 +117,16 @@ class LearnerConfig(Section):
     clip_high: Frac = 0.28
     overlong_buffer: NonNeg = 0
     overlong_penalty: Annotated[float, msgspec.Meta(ge=0.0)] = 1.0
+    overlong_max_tokens: NonNeg = 0  # DAPO's L_max (response tokens, all branches); needed if overlong_buffer > 0
+    mixed_precision: Literal["auto", "bf16", "off"] = "auto"  # auto: bf16 autocast on CUDA (fp32 master weights)
     sft_epochs: Pos = 1
     sft_lr: PosFloat = 1e-3
     sft_batch_size: Pos = 16
+    sft_schedule: Literal["constant", "cosine"] = "cosine"
+    sft_warmup_ratio: Frac = 0.05
+    sft_data: str = ""  # JSONL of {id, prompt, completion}; empty: rejection-sample it (or synthetic traces)
+    sft_samples_per_problem: Pos = 8  # rejection sampling: k samples per problem, keep one correct + format 0
+    sft_sequential_sampling: bool = True  # NPR samples Stage 2 data with sequential decoding
 
 
 class TransportConfig(Section):

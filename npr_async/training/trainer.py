@@ -1,0 +1,242 @@
+"""The learner core: forward/backward of packed micro-batches, streaming accumulation, optimizer step.
+
+Streaming (DESIGN.md): `accumulate(group)` backpropagates Σ ℓ_t of one prompt's samples as soon as the
+group arrives; `finish_step()` multiplies the accumulated gradient once by the loss's batch scale (PAPO:
+1 / ((batch std + 1e-6) · #sequences)), clips and steps. `train_step(groups)` is the one-shot path: it
+knows the scale first and backpropagates the scaled loss; both give the same gradient.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.utils.checkpoint import checkpoint
+
+from engine.attention import MaskedAttention
+from npr_async.training.losses import Loss, Totals, get_loss
+from npr_async.training.optim import build_optimizer, build_schedule
+from npr_async.training.packing import MicroBatch, Sample, pack
+
+LOGIT_CHUNK = 4096  # rows of [n, vocab] logits alive at once (151k vocab × 4096 × 4 B = 2.5 GB)
+
+
+def attention_for(mb: MicroBatch, device: torch.device):
+    """SDPA with a dense boolean mask on CPU; a flex_attention BlockMask on GPU (never a dense mask)."""
+    if device.type == "cuda":
+        from npr_async.training.flex import FlexAttention, build_block_mask
+
+        return FlexAttention(build_block_mask(mb.segment_ids, mb.ancestors))
+    return MaskedAttention(mb.dense_mask())
+
+
+def token_logprobs(model, hidden: torch.Tensor, targets: torch.Tensor, chunk: int = LOGIT_CHUNK) -> torch.Tensor:
+    """log softmax(logits(hidden))[target] per row, in float32; logits exist one chunk at a time."""
+    def one(h, t):
+        logits = model.compute_logits(h).float()
+        return logits.gather(-1, t[:, None])[:, 0] - logits.logsumexp(-1)
+
+    if hidden.shape[0] <= chunk:
+        return one(hidden, targets)
+    # recompute each chunk's logits in backward instead of keeping them all
+    parts = [checkpoint(one, hidden[i:i + chunk], targets[i:i + chunk], use_reentrant=False)
+             if torch.is_grad_enabled() else one(hidden[i:i + chunk], targets[i:i + chunk])
+             for i in range(0, hidden.shape[0], chunk)]
+    return torch.cat(parts)
+
+
+def microbatch_logprobs(model, mb: MicroBatch, device, autocast: bool = False) -> torch.Tensor:
+    """Logprob of every target token of `mb` (flat order of `mb.target_index`), scored at its predecessor."""
+    mb = mb.to(device)
+    ctx = torch.autocast(device.type, dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
+    with ctx:
+        hidden = model(mb.input_ids, mb.positions, attention_for(mb, device))
+        return token_logprobs(model, hidden[mb.pred_index], mb.targets)
+
+
+@torch.no_grad()
+def score_samples(model, samples: Sequence[Sample], max_tokens: int, device=None) -> list[np.ndarray]:
+    """float32[N] per sample: the model's logprob of each loss_mask token, NaN elsewhere."""
+    device = torch.device(device or next(model.parameters()).device)
+    out = [np.full(len(s), np.nan, dtype=np.float32) for s in samples]
+    index = {id(s): k for k, s in enumerate(samples)}
+    for mb in pack(list(samples), max_tokens):
+        lp = microbatch_logprobs(model, mb, device).float().cpu().numpy()
+        for s, (a, b) in zip(mb.samples, mb.bounds):
+            sel = (mb.target_index.numpy() >= a) & (mb.target_index.numpy() < b)
+            out[index[id(s)]][mb.target_index.numpy()[sel] - a] = lp[sel]
+    return out
+
+
+def trajectory_samples(trajectories, rewards) -> list[Sample]:
+    if len(trajectories) != len(rewards):
+        raise ValueError(f"{len(trajectories)} trajectories but {len(rewards)} rewards")
+    return [Sample.from_trajectory(t, reward=float(r), finish_reason=t.finish_reason,
+                                   length=len(t) - t.prompt_len, prompt_id=t.prompt_id, version=t.version)
+            for t, r in zip(trajectories, rewards)]
+
+
+def _world() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+class Trainer:
+    """One learner: `accumulate(trajs, rewards)` per group, `finish_step()` per step, `save`/`load`."""
+
+    def __init__(self, model, cfg, *, loss: str | Loss | None = None, lr: float | None = None,
+                 schedule: str | None = None, warmup_steps: int | None = None, total_steps: int | None = None,
+                 model_dir: str | None = None):
+        self.cfg = cfg
+        self.model_dir = model_dir  # config.json + tokenizer files are copied from here into checkpoints
+        self.device = next(model.parameters()).device
+        self.loss = loss if isinstance(loss, Loss) else get_loss(loss or cfg.loss, cfg)
+        mp = cfg.mixed_precision
+        self.autocast = mp == "bf16" or (mp == "auto" and self.device.type == "cuda")
+        if cfg.activation_checkpointing:
+            model.gradient_checkpointing = True
+        if cfg.fsdp:
+            from npr_async.training.fsdp import shard_model
+
+            shard_model(model)
+        elif _world() > 1:
+            raise ValueError("a learner over several ranks needs learner.fsdp=true")
+        self.model = model
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = build_optimizer(self.params, lr or cfg.lr, cfg.weight_decay)
+        self.scheduler = build_schedule(self.optimizer, schedule or cfg.schedule,
+                                        cfg.warmup_steps if warmup_steps is None else warmup_steps, total_steps)
+        self.step = 0
+        self._reset()
+
+    def _reset(self) -> None:
+        self.totals = Totals()
+        self._loss_sum = 0.0
+        self._dropped = 0
+        self._groups = 0
+
+    # --- forward/backward ---------------------------------------------------------------------------
+    def _keep(self, samples: list[Sample]) -> list[Sample]:
+        kept = [s for s in samples if self.loss.keep(s) and s.loss_mask.any()]
+        self._dropped += len(samples) - len(kept)
+        return kept
+
+    def _backward(self, samples: list[Sample], scale: float) -> None:
+        self.model.train()
+        for mb in pack(samples, self.cfg.micro_batch_tokens):
+            lp = microbatch_logprobs(self.model, mb, self.device, self.autocast)
+            old = np.concatenate([s.old_logprobs[s.loss_mask] if s.old_logprobs is not None
+                                  else np.zeros(int(s.loss_mask.sum()), np.float32) for s in mb.samples])
+            coef = torch.tensor([s.meta["coef"] for s in mb.samples], dtype=torch.float32)
+            terms = self.loss.token_losses(lp, torch.from_numpy(old).to(self.device),
+                                           coef[mb.target_sample].to(self.device))
+            total = terms.sum()
+            (total * scale).backward()
+            self._loss_sum += float(total.detach())
+
+    def accumulate(self, trajectories, rewards) -> int:
+        """Stream one group (the samples of one prompt): backprop its unscaled loss now. Returns #kept."""
+        return self.accumulate_samples(trajectory_samples(trajectories, rewards))
+
+    def accumulate_samples(self, samples: list[Sample]) -> int:
+        kept = self._keep(samples)
+        self._groups += 1
+        if kept:
+            self.loss.prepare_group(kept)
+            self.totals.add(kept)
+            self._backward(kept, 1.0)
+        return len(kept)
+
+    def scale_gradients(self) -> tuple[Totals, float]:
+        """The batch is complete: multiply the accumulated gradient once by the loss's batch scale."""
+        totals = self._global_totals()
+        scale = self.loss.scale(totals) if totals.num_sequences else 0.0
+        grad_scale = scale * (_world() if self.cfg.fsdp else 1)  # FSDP averages over ranks; we want the sum
+        for p in self.params:
+            if p.grad is not None:
+                p.grad.mul_(grad_scale)
+        return totals, scale
+
+    def finish_step(self) -> dict:
+        """End of a streamed step: scale the accumulated gradient, clip, optimizer step."""
+        return self._optimizer_step(*self.scale_gradients())
+
+    def backward_batch(self, groups: Sequence[tuple[Sequence, Sequence[float]]]) -> tuple[Totals, float]:
+        """One-shot gradient: all groups `(trajectories, rewards)` known up front; backprop the scaled loss."""
+        kept_all = []
+        for trajs, rewards in groups:
+            kept = self._keep(trajectory_samples(trajs, rewards))
+            self._groups += 1
+            if kept:
+                self.loss.prepare_group(kept)
+                self.totals.add(kept)
+                kept_all += kept
+        return self._backward_scaled(kept_all)
+
+    def _backward_scaled(self, samples: list[Sample]) -> tuple[Totals, float]:
+        totals = self._global_totals()
+        scale = self.loss.scale(totals) if totals.num_sequences else 0.0
+        if samples:  # micro-batches may mix groups here: the scale is already known
+            self._backward(samples, scale * (_world() if self.cfg.fsdp else 1))
+        return totals, scale
+
+    def train_step(self, groups: Sequence[tuple[Sequence, Sequence[float]]]) -> dict:
+        return self._optimizer_step(*self.backward_batch(groups))
+
+    def train_samples(self, samples: list[Sample]) -> dict:
+        """One-shot step over samples forming one group (SFT: the whole batch)."""
+        samples = self._keep(samples)
+        self._groups += 1
+        if samples:
+            self.loss.prepare_group(samples)
+            self.totals.add(samples)
+        return self._optimizer_step(*self._backward_scaled(samples))
+
+    def _global_totals(self) -> Totals:
+        if _world() == 1:
+            return self.totals
+        parts = [None] * _world()
+        dist.all_gather_object(parts, self.totals)
+        merged = Totals()
+        for t in parts:
+            merged.merge(t)
+        return merged
+
+    def _optimizer_step(self, totals: Totals, scale: float) -> dict:
+        lr = self.optimizer.param_groups[0]["lr"]
+        metrics = {"step": self.step + 1, "lr": lr, "sequences": totals.num_sequences,
+                   "loss_tokens": totals.num_tokens, "dropped": self._dropped, "groups": self._groups,
+                   "loss": self._loss_sum * scale if totals.num_sequences else float("nan")}
+        if totals.rewards:
+            metrics["reward_mean"] = float(np.mean(totals.rewards))
+        if totals.num_sequences:  # an empty batch (all filtered) leaves the weights as they are
+            norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip)
+            norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+            metrics["grad_norm"] = float(norm)
+            if math.isfinite(metrics["grad_norm"]):
+                self.optimizer.step()
+            else:
+                metrics["skipped_nonfinite"] = True
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        self.step += 1
+        self._reset()
+        return metrics
+
+    # --- weights and checkpoints ---------------------------------------------------------------------
+    def named_weights(self):
+        """(HF name, full tensor) pairs for the weight broadcast to the rollout engines."""
+        for name, p in self.model.named_parameters():
+            yield name, (p.full_tensor() if hasattr(p, "full_tensor") else p).detach()
+
+    def save(self, out_dir: str, tokenizer_dir: str | None = None) -> None:
+        from npr_async.training.checkpoint import save_checkpoint
+
+        save_checkpoint(self, out_dir, tokenizer_dir)
+
+    def load(self, ckpt_dir: str) -> None:
+        from npr_async.training.checkpoint import load_checkpoint
+
+        load_checkpoint(self, ckpt_dir)
