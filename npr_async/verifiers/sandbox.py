@@ -94,6 +94,7 @@ def bwrap_argv(python: str, workdir: str, limits: Limits, uid_inside: int = 1000
         "--proc", "/proc", "--dev", "/dev",
         "--size", str(limits.tmp_mb << 20), "--tmpfs", "/tmp",
         "--ro-bind", workdir, "/input", "--chdir", "/tmp",
+        "--remount-ro", "/dev", "--remount-ro", "/",  # bwrap's root and /dev are tmpfs: only /tmp stays writable
         "--setenv", "PATH", "/usr/bin:/bin", "--setenv", "HOME", "/tmp", "--setenv", "LANG", "C.UTF-8",
     ]
 
@@ -105,11 +106,16 @@ def bwrap_works(python: str) -> str | None:
         return f"bubblewrap not found ({BWRAP}); install the Debian package `bubblewrap`"
     with tempfile.TemporaryDirectory() as d:
         os.chmod(d, 0o755)
+        uid = _fresh_uid()
+        _become_subreaper()
         try:
             r = subprocess.run([*bwrap_argv(python, d, Limits()), python, "-I", "-c", "print(1)"],
-                               capture_output=True, timeout=30, preexec_fn=_drop_privileges(_fresh_uid()))
+                               capture_output=True, timeout=30, preexec_fn=_drop_privileges(uid))
         except (OSError, subprocess.SubprocessError) as e:
             return f"bubblewrap failed to start: {e}"
+        finally:
+            if uid is not None:
+                _kill_and_reap_uid(uid)
     if r.returncode != 0 or r.stdout.strip() != b"1":
         return f"bubblewrap cannot run here (rc {r.returncode}): {r.stderr.decode(errors='replace')[-300:]}"
     return None
@@ -176,6 +182,7 @@ def run_python(program: str, stdin: str = "", limits: Limits = Limits(), mode: s
         else:
             raise ValueError(f"unknown sandbox mode {mode!r} (bwrap | rlimit)")
         uid = _fresh_uid()
+        _become_subreaper()
         proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 cwd=cwd, env=env, start_new_session=True, preexec_fn=_limit_fn(limits, uid))
         try:
@@ -240,13 +247,11 @@ def _communicate(proc: subprocess.Popen, data: bytes, limits: Limits) -> Result:
 
 
 def _kill_group(proc: subprocess.Popen, uid: int | None) -> None:
-    """SIGKILL the session we started (bwrap, or the program in rlimit mode) and anything left of its uid."""
+    """SIGKILL the session we started (bwrap, or the program in rlimit mode), then anything left of its uid."""
     try:
         os.killpg(proc.pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
         pass
-    if uid is not None:  # programs that called setsid() left our group; their private uid still names them
-        _kill_uid(uid)
     for f in (proc.stdin, proc.stdout, proc.stderr):
         try:
             f.close()
@@ -256,14 +261,37 @@ def _kill_group(proc: subprocess.Popen, uid: int | None) -> None:
         proc.wait(timeout=5)
     except subprocess.TimeoutExpired:
         pass
+    if uid is not None:  # programs that called setsid() left our group; their private uid still names them
+        _kill_and_reap_uid(uid)
 
 
-def _kill_uid(uid: int) -> None:
+def _kill_and_reap_uid(uid: int) -> None:
+    # bwrap's outer process exits without reaping its namespace init; as a child subreaper we inherit that
+    # zombie (and any orphan) and reap it here, so not even a zombie outlives the run.
+    me = os.getpid()
     for p in os.listdir("/proc"):
         if not p.isdigit():
             continue
         try:
-            if os.stat(f"/proc/{p}").st_uid == uid:
-                os.kill(int(p), signal.SIGKILL)
-        except OSError:
+            if os.stat(f"/proc/{p}").st_uid != uid:
+                continue
+            os.kill(int(p), signal.SIGKILL)
+            ppid = int(open(f"/proc/{p}/stat").read().rsplit(")", 1)[1].split()[1])
+            if ppid == me:
+                os.waitpid(int(p), 0)
+        except (OSError, ValueError, IndexError):
             pass
+
+
+_PR_SET_CHILD_SUBREAPER = 36
+
+
+@functools.lru_cache(maxsize=1)
+def _become_subreaper() -> bool:
+    """Orphans of our sandboxes re-parent to this process instead of init (which may reap late)."""
+    try:
+        import ctypes
+
+        return ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False
