@@ -9,7 +9,7 @@ import pytest
 import torch
 import transformers
 
-from engine.attention import CausalAttention, MaskedAttention, causal_mask
+from engine.attention import CausalAttention, MaskedAttention, causal_mask, packed_visibility_mask
 from engine.loader import from_tensors, load_model, read_gguf
 from engine.model import CausalLM, ModelArgs
 
@@ -53,7 +53,7 @@ def our_logits(model, ids, pos, attn):
 
 def tree_example(gen: torch.Generator):
     """Prompt + guideline (seg 0), two sibling steps (segs 1, 2), a join (seg 3): NPR visibility/positions."""
-    lens, parents = [6, 4, 3, 3], [[], [0], [0], [0, 1, 2]]
+    lens, parents = [6, 4, 3, 3], TREE_PARENTS
     seg = torch.cat([torch.full((n,), s) for s, n in enumerate(lens)])
     pos = torch.cat([torch.arange(6), 6 + torch.arange(4), 6 + torch.arange(3), 10 + torch.arange(3)])
 
@@ -70,6 +70,9 @@ def tree_example(gen: torch.Generator):
     mask = torch.tensor([[sees(i, j) for j in range(n)] for i in range(n)])
     ids = torch.randint(0, TINY["vocab_size"], (n,), generator=gen)
     return ids, pos, mask, seg
+
+
+TREE_PARENTS = [[], [0], [0], [0, 1, 2]]
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -110,6 +113,18 @@ def test_packed_batch_matches_separate_sequences():
                         MaskedAttention(causal_mask([7, 5])))
     torch.testing.assert_close(packed[:7], our_logits(ours, a, torch.arange(7), CausalAttention()), atol=1e-5, rtol=0)
     torch.testing.assert_close(packed[7:], our_logits(ours, b, torch.arange(5), CausalAttention()), atol=1e-5, rtol=0)
+
+
+def test_packed_visibility_mask_packs_trees():
+    """The pack mask from segments (npr_async.structure) gives each tree the logits it has alone."""
+    _, ours = make_pair("qwen2")
+    ids, pos, mask, seg = tree_example(torch.Generator().manual_seed(5))
+    b = torch.randint(0, 96, (4,))
+    packed_mask = packed_visibility_mask([(seg.numpy(), TREE_PARENTS), ([0, 0, 0, 0], [[]])])
+    assert torch.equal(packed_mask[:len(seg), :len(seg)], mask) and not packed_mask[len(seg):, :len(seg)].any()
+    got = our_logits(ours, torch.cat([ids, b]), torch.cat([pos, torch.arange(4)]), MaskedAttention(packed_mask))
+    torch.testing.assert_close(got[:len(seg)], our_logits(ours, ids, pos, MaskedAttention(mask)), atol=1e-5, rtol=0)
+    torch.testing.assert_close(got[len(seg):], our_logits(ours, b, torch.arange(4), CausalAttention()), atol=1e-5, rtol=0)
 
 
 def test_backend_contract_and_gradients():
