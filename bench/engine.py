@@ -1,0 +1,246 @@
+"""Engine benchmark on a random-init Qwen3-4B-shaped model (bf16, built on the GPU, nothing written to disk).
+
+One run reports, side by side on the same GPU:
+  a. decode tokens/s at several batch sizes (prompt P, N new tokens) and the fraction of the HBM roofline
+     (weights + KV bytes read per decode step / the device-to-device copy bandwidth measured in this run);
+  b. the same workload through HF transformers `generate` with a static cache -> our/HF ratio;
+  c. NPR fork speedup: K branches of L tokens forked from one prompt vs K*L tokens in one sequence;
+  d. peak GPU memory and the KV pool's capacity in tokens.
+"Ours" is the engine's decode path driven directly: model forward + Triton slot attention + fused KV write +
+CUDA graphs + GPU sampling, rows reading a slot table (branch rows repeat the prompt's slots: a fork shares
+the trunk's KV, nothing copied). Prefill goes through SDPA.
+
+    python bench/engine.py [--batches 1,16,64,256] [--hf-compile 1] [--out DIR]
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from engine.cuda_graphs import DecodeGraphs, sample  # noqa: E402
+from engine.model import CausalLM, ModelArgs  # noqa: E402
+from engine.triton_attention import store_kv  # noqa: E402
+
+QWEN3_4B = dict(model_type="qwen3", vocab_size=151936, hidden_size=2560, intermediate_size=9728,
+                num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
+                rms_norm_eps=1e-6, rope_theta=1000000.0, max_position_embeddings=40960,
+                tie_word_embeddings=True, hidden_act="silu")
+
+
+def timed(fn) -> float:
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    fn()
+    torch.cuda.synchronize()
+    return time.perf_counter() - t
+
+
+def copy_bandwidth(nbytes: int = 4 << 30) -> float:
+    """Bytes read + written per second by a large device-to-device copy."""
+    a = torch.randn(nbytes // 4, device="cuda")
+    b = torch.empty_like(a)
+    for _ in range(3):
+        b.copy_(a)
+    t = timed(lambda: [b.copy_(a) for _ in range(20)])
+    del a, b
+    return 2 * nbytes * 20 / t
+
+
+class Prefill:
+    """B prompts of n tokens each, packed row-major: KV write + causal SDPA per prompt."""
+
+    def __init__(self, k, v, slots, b, n):
+        self.k, self.v, self.slots, self.b, self.n = k, v, slots, b, n
+
+    def __call__(self, layer, q, k, v):
+        store_kv(k, v, self.k[layer], self.v[layer], self.slots)
+        b, n = self.b, self.n
+        o = F.scaled_dot_product_attention(*(x.view(b, n, x.shape[1], x.shape[2]).transpose(1, 2) for x in (q, k, v)),
+                                           is_causal=True, enable_gqa=True)
+        return o.transpose(1, 2).reshape(b * n, q.shape[1], q.shape[2])
+
+
+class Runner:
+    def __init__(self, model, g: DecodeGraphs, slot_perm: torch.Tensor):
+        self.model, self.g, self.perm = model, g, slot_perm
+
+    def generate(self, prompts: torch.Tensor, rows_per_prompt: int, new: int, temperature: float) -> torch.Tensor:
+        """Prefill `prompts` [P, n]; fork each into `rows_per_prompt` rows sharing its KV; decode `new`
+        tokens per row (the first from the prefill's logits). Everything stays on the device."""
+        g, (p, n) = self.g, prompts.shape
+        rows = p * rows_per_prompt
+        own = self.perm[p * n:p * n + rows * new].view(rows, new).int()  # each row's own slots
+        prompt_slots = self.perm[:p * n].view(p, n).int()
+        g.table[:rows, :n] = prompt_slots.repeat_interleave(rows_per_prompt, 0)  # shared trunk, repeated
+        g.table[:rows, n:n + new] = own
+        with torch.inference_mode():
+            pos = torch.arange(n, device="cuda").repeat(p)
+            hidden = self.model(prompts.flatten(), pos, Prefill(g.k, g.v, prompt_slots.flatten(), p, n))
+            temp = torch.full((p,), temperature, device="cuda")
+            first, _ = sample(self.model.compute_logits(hidden.view(p, n, -1)[:, -1]), temp)
+        out = torch.empty(rows, new, dtype=torch.long, device="cuda")
+        out[:, 0] = first.repeat_interleave(rows_per_prompt)
+        g.temperature[:rows] = temperature
+        g.ids[:rows] = out[:, 0]
+        g.pos[:rows] = n
+        g.lens[:rows] = n + 1
+        for i in range(1, new):  # step i feeds token i-1 (position n+i-1, own slot i-1)
+            g.slots[:rows] = own[:, i - 1]
+            g.replay(rows)
+            out[:, i] = g.tokens[:rows]
+            g.ids[:rows] = g.tokens[:rows]
+            g.pos[:rows] += 1
+            g.lens[:rows] += 1
+        return out
+
+
+def decode_bytes(weight_bytes: int, kv_token_bytes: int, rows: int, ctx0: int, steps: int) -> int:
+    """Bytes a decode phase must read: all weights per step + each row's whole context per step."""
+    ctx = sum(ctx0 + i for i in range(1, steps + 1))  # step i sees ctx0 + i tokens, its own included
+    return steps * weight_bytes + rows * ctx * kv_token_bytes
+
+
+def bench_ours(model, args, res):
+    cfg = model.args
+    kv_token_bytes = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * 2
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    batches = [int(b) for b in args.batches.split(",")]
+    ks = [int(k) for k in args.forks.split(",")]
+    max_ctx = args.prompt + max(ks) * args.branch_len + 8
+    free, total = torch.cuda.mem_get_info()
+    slots = int((free - args.reserve_gb * 2**30) // kv_token_bytes)  # the rest of the GPU is the KV pool
+    shape = (cfg.num_layers, slots, cfg.num_kv_heads, cfg.head_dim)
+    k_cache = torch.empty(shape, dtype=torch.bfloat16, device="cuda")
+    v_cache = torch.empty(shape, dtype=torch.bfloat16, device="cuda")
+    res["kv_capacity_tokens"] = slots
+    res["kv_pool_gib"] = round(2 * k_cache.numel() * 2 / 2**30, 2)
+    g = DecodeGraphs(model, k_cache, v_cache, max_ctx, buckets=sorted(set(batches + ks)))
+    res["graph_capture_s"] = round(timed(lambda: g.capture(max_ctx)), 2)
+    run = Runner(model, g, torch.randperm(slots, device="cuda"))  # scattered slots, as in a live pool
+    V = cfg.vocab_size
+    rows = []
+    for b in batches:
+        prompts = torch.randint(0, V, (b, args.prompt), device="cuda")
+        run.generate(prompts, 1, 8, 0.0)  # warm-up (prefill shapes)
+        with torch.inference_mode():
+            t_pre = timed(lambda: run.model(prompts.flatten(), torch.arange(args.prompt, device="cuda").repeat(b),
+                                            Prefill(k_cache, v_cache, run.perm[:b * args.prompt].int(), b, args.prompt)))
+        t_all = timed(lambda: run.generate(prompts, 1, args.new, 0.0))
+        t_dec = t_all - t_pre
+        steps = args.new - 1
+        nbytes = decode_bytes(weight_bytes, kv_token_bytes, b, args.prompt, steps)
+        roof_t = nbytes / res["copy_bw"]
+        rows.append(dict(batch=b, e2e_tok_s=b * args.new / t_all, decode_tok_s=b * steps / t_dec,
+                         step_ms=1e3 * t_dec / steps, roofline_tok_s=b * steps / roof_t,
+                         roofline_frac=roof_t / t_dec, prefill_s=t_pre, total_s=t_all))
+        print(f"ours b={b}: {rows[-1]}", flush=True)
+    res["decode"] = rows
+    forks = []
+    for k in ks:
+        prompt = torch.randint(0, V, (1, args.prompt), device="cuda")
+        t_par = timed(lambda: run.generate(prompt, k, args.branch_len, 1.0))
+        t_seq = timed(lambda: run.generate(prompt, 1, k * args.branch_len, 1.0))
+        forks.append(dict(k=k, branch_len=args.branch_len, parallel_s=t_par, sequential_s=t_seq,
+                          speedup=t_seq / t_par))
+        print(f"fork k={k}: {forks[-1]}", flush=True)
+    res["fork"] = forks
+    res["peak_gib_ours"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+    del g, run, k_cache, v_cache
+    torch.cuda.empty_cache()
+
+
+def bench_hf(model, args, res):
+    import transformers
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    sd = model.state_dict()
+    torch.set_default_dtype(torch.bfloat16)
+    with torch.device("cuda"):
+        hf = Qwen3ForCausalLM(Qwen3Config(**{k: v for k, v in QWEN3_4B.items() if k != "model_type"}))
+    torch.set_default_dtype(torch.float32)
+    hf.load_state_dict(sd, strict=False)  # the same weights as ours (the head is tied)
+    hf.eval()
+    del sd
+    torch.cuda.reset_peak_memory_stats()
+    compiled = {int(b) for b in args.hf_compile.split(",") if b}
+    out = []
+    for b in [int(x) for x in args.batches.split(",")]:
+        ids = torch.randint(0, QWEN3_4B["vocab_size"], (b, args.prompt), device="cuda")
+        kw = dict(attention_mask=torch.ones_like(ids), do_sample=False, cache_implementation="static",
+                  pad_token_id=0, disable_compile=b not in compiled)
+        gen = lambda n: hf.generate(ids, max_new_tokens=n, min_new_tokens=n, **kw)  # noqa: E731
+        t_warm = timed(lambda: gen(args.new if b in compiled else 4))  # compile (if any) happens here
+        t = timed(lambda: gen(args.new))
+        out.append(dict(batch=b, e2e_tok_s=b * args.new / t, total_s=t, compiled=b in compiled,
+                        warmup_s=t_warm))
+        print(f"hf b={b}: {out[-1]}", flush=True)
+    res["hf"] = out
+    res["hf_version"] = transformers.__version__
+    res["peak_gib_hf"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+
+
+def table(res) -> str:
+    hf = {r["batch"]: r for r in res.get("hf", [])}
+    lines = [f"device: {res['device']}  copy bandwidth {res['copy_bw'] / 1e12:.2f} TB/s  date {res['date']}",
+             "| batch | ours e2e tok/s | ours decode tok/s | step ms | roofline tok/s | % roofline | HF static tok/s | ours/HF |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in res["decode"]:
+        h = hf.get(r["batch"])
+        hs = f"{h['e2e_tok_s']:.0f}{' (compiled)' if h['compiled'] else ' (eager)'}" if h else "-"
+        ratio = f"{r['e2e_tok_s'] / h['e2e_tok_s']:.1f}x" if h else "-"
+        lines.append(f"| {r['batch']} | {r['e2e_tok_s']:.0f} | {r['decode_tok_s']:.0f} | {r['step_ms']:.2f} | "
+                     f"{r['roofline_tok_s']:.0f} | {100 * r['roofline_frac']:.0f}% | {hs} | {ratio} |")
+    lines += ["", "| K branches x L | parallel s | sequential s | speedup |", "|---|---|---|---|"]
+    lines += [f"| {f['k']} x {f['branch_len']} | {f['parallel_s']:.2f} | {f['sequential_s']:.2f} | {f['speedup']:.2f}x |"
+              for f in res["fork"]]
+    lines.append(f"\npeak GPU memory: ours {res['peak_gib_ours']} GiB (KV pool {res['kv_pool_gib']} GiB = "
+                 f"{res['kv_capacity_tokens']} tokens); HF {res.get('peak_gib_hf', '-')} GiB")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--batches", default="1,16,64,256")
+    ap.add_argument("--prompt", type=int, default=128)
+    ap.add_argument("--new", type=int, default=256)
+    ap.add_argument("--forks", default="2,4,8")
+    ap.add_argument("--branch-len", type=int, default=512)
+    ap.add_argument("--layers", type=int, default=QWEN3_4B["num_hidden_layers"], help="fewer for a smoke run")
+    ap.add_argument("--reserve-gb", type=float, default=12.0, help="GPU memory left out of the KV pool")
+    ap.add_argument("--hf", type=int, default=1, help="0: skip the HF comparison")
+    ap.add_argument("--hf-compile", default="", help="batch sizes whose HF generate is torch.compiled")
+    ap.add_argument("--out", default=os.environ.get("OUT", "out"))
+    args = ap.parse_args(argv)
+    QWEN3_4B["num_hidden_layers"] = args.layers
+    torch.manual_seed(0)
+    res = dict(device=torch.cuda.get_device_name(), date=datetime.date.today().isoformat(), args=vars(args),
+               torch=torch.__version__)
+    res["copy_bw"] = copy_bandwidth()
+    torch.set_default_dtype(torch.bfloat16)
+    with torch.device("cuda"):
+        model = CausalLM(ModelArgs.from_hf_config(QWEN3_4B)).eval()
+    torch.set_default_dtype(torch.float32)
+    res["params"] = sum(p.numel() for p in model.parameters())
+    torch.cuda.reset_peak_memory_stats()
+    bench_ours(model, args, res)
+    if args.hf:
+        bench_hf(model, args, res)
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    (Path(args.out) / "engine.json").write_text(json.dumps(res, indent=1))
+    text = table(res)
+    (Path(args.out) / "engine.md").write_text(text + "\n")
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
