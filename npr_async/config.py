@@ -134,7 +134,13 @@ class TransportConfig(Section):
     bucket_mb: PosFloat = 256.0
     zmq_hwm: Pos = 1024
     zmq_scheme: Literal["ipc", "tcp"] = "ipc"
+    zmq_host: str = ""  # tcp: interface to bind (empty: all); peers get this host's routable IP
     recv_timeout_s: PosFloat = 300.0
+    zmq_send_timeout_s: Annotated[float, msgspec.Meta(ge=0.0)] = 300.0  # full queue: 0 blocks until drained
+    zmq_linger_s: Annotated[float, msgspec.Meta(ge=0.0)] = 1.0  # how long close() may flush queued messages
+    zmq_on_malformed: Literal["count", "raise"] = "count"  # undecodable bytes: skip + count, or raise
+    zmq_max_msg_mb: Annotated[float, msgspec.Meta(ge=0.0)] = 0.0  # 0: no limit; larger frames drop the peer
+    weights_timeout_s: PosFloat = 300.0  # every weight-sync wait (join, handshake, gloo collectives)
 
 
 class ControllerConfig(Section):
