@@ -1,0 +1,196 @@
+"""`LLM`: the NPR-Engine's public API: generate trajectories with fork/join parallel decoding.
+
+    llm = LLM("path/to/hf_model_dir")                     # or a CausalLM + tokenizer
+    trajs = llm.generate(["<prompt>"], SamplingParams(temperature=0, seed=0))
+    llm.update_weights(named_tensors, version=3)         # between generate calls only
+
+One loop: the scheduler picks the tokens of the next forward (decodes of every live branch, forced
+headers, prompt chunks), the model runs them over the KV slots, the sampler draws one token per branch
+that reached its segment's end, and each request's state machine takes the transition that token causes.
+"""
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from engine.kv_store import KVStore
+from engine.npr_state import Limits, Request
+from engine.paged_attention import PagedAttention
+from engine.sampler import SamplingParams, make_generator, sample
+from engine.scheduler import Scheduler
+from npr_async.config import EngineConfig
+from npr_async.messages import Trajectory
+from npr_async.tags import JOIN_HEADER, TagIds, step_header
+
+
+class LLM:
+    def __init__(self, model, tokenizer=None, config: EngineConfig = EngineConfig(), device="cpu",
+                 dtype: torch.dtype | None = None):
+        from npr_async.tokenizer import load_tokenizer
+
+        if isinstance(model, (str, Path)):
+            from engine.loader import load_model
+
+            path = Path(model)
+            model = load_model(path, dtype or torch.float32, device)
+            if tokenizer is None and (path / "tokenizer.json").is_file():
+                tokenizer = load_tokenizer(str(path))
+        self.model = model.to(device).eval()
+        self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer()
+        self.config, self.device, self.version = config, torch.device(device), 0
+        self.tags = TagIds.from_tokenizer(self.tokenizer)
+        self.eos = {i for i in (self.tokenizer.eos_token_id, self.tokenizer.convert_tokens_to_ids("<|im_end|>"))
+                    if isinstance(i, int) and i >= 0 and i != self.tokenizer.unk_token_id}
+        enc = lambda s: self.tokenizer.encode(s, add_special_tokens=False)  # noqa: E731
+        steps: dict[int, list[int]] = {}
+        self.headers = {"step": lambda k: steps.setdefault(k, enc(step_header(k))), "join": enc(JOIN_HEADER)}
+        a = model.args
+        dtype = next(model.parameters()).dtype
+        self.kv = KVStore(a.num_layers, config.kv_slots, a.num_kv_heads, a.head_dim, dtype, self.device)
+        self.attn = PagedAttention(self.kv)
+        if config.attention_backend == "triton" and self.device.type == "cuda":
+            from engine.triton_attention import TritonPagedAttention
+
+            self.attn = TritonPagedAttention(self.kv)
+        self._busy = False
+        self._seeds = random.Random()
+        self.last_stats: dict = {}
+
+    # weights ----------------------------------------------------------------------------------
+    def update_weights(self, named_tensors, version: int) -> int:
+        """Copy new weights in place; only between generate calls. Returns how many tensors were copied."""
+        if self._busy:
+            raise RuntimeError("update_weights during generate: weights change only between steps")
+        n = self.model.load_weights((k, t.to(self.device)) for k, t in named_tensors)
+        self.version = int(version)
+        return n
+
+    # generation -------------------------------------------------------------------------------
+    def limits(self, p: SamplingParams) -> Limits:
+        c = self.config
+        return Limits(p.max_total_tokens, p.max_path_tokens, p.max_step_tokens, p.max_plans, c.max_depth,
+                      c.fork_margin_tokens, p.parallel and c.parallel)
+
+    @torch.inference_mode()
+    def generate(self, prompts: list, params: SamplingParams | list[SamplingParams] | None = None,
+                 prompt_ids: list[str] | None = None, version: int | None = None, n: int = 1) -> list[Trajectory]:
+        """One trajectory per (prompt, sample index < n), prompt-major. A prompt is text (tokenised as is,
+        no chat template) or token ids, and may end anywhere in an NPR trajectory (e.g. right after
+        `</guideline>`: the fork happens at once). `version`: refuse to start on other weights."""
+        if version is not None and version != self.version:
+            raise RuntimeError(f"asked to generate with weights v{version}, loaded v{self.version}")
+        params = params or SamplingParams()
+        plist = params if isinstance(params, list) else [params] * len(prompts)
+        if len(plist) != len(prompts) or (prompt_ids is not None and len(prompt_ids) != len(prompts)):
+            raise ValueError(f"{len(prompts)} prompts, {len(plist)} params, "
+                             f"{len(prompt_ids) if prompt_ids is not None else '-'} prompt ids")
+        sched = Scheduler(self.kv, self.config.max_batch_tokens)
+        reqs = []
+        for i, (prompt, p) in enumerate(zip(prompts, plist)):
+            ids = self._ids(prompt, i)
+            for s in range(n):
+                req = Request(len(reqs), ids, self.limits(p), self.tags, self.eos, self.headers, p)
+                req.prompt_id = prompt_ids[i] if prompt_ids is not None else str(i)
+                req.sample_idx = s
+                req.seed = (p.seed if p.seed is not None else self._seeds.getrandbits(62)) + s
+                reqs.append(req)
+                sched.add(req)
+        self._busy = True
+        try:
+            forwards = 0
+            while not sched.done():
+                self._step(sched.schedule())
+                forwards += 1
+            sched.retire()
+        finally:
+            self._busy = False
+        self.last_stats = {"forwards": forwards, "preemptions": sched.num_preemptions}
+        self.last_requests = reqs  # tests: per-request engine state (e.g. suppressed forks)
+        return [self._trajectory(r) for r in reqs]
+
+    def _ids(self, prompt, i: int) -> list[int]:
+        if isinstance(prompt, str):
+            ids = self.tokenizer.encode(prompt, add_special_tokens=False)
+        elif isinstance(prompt, (list, tuple, np.ndarray)) and all(
+                isinstance(t, (int, np.integer)) and not isinstance(t, bool) for t in prompt):
+            ids = [int(t) for t in prompt]
+        else:
+            raise TypeError(f"prompt {i}: expected text or a list of token ids, got {type(prompt).__name__}")
+        vocab = self.model.args.vocab_size
+        if not ids or min(ids) < 0 or max(ids) >= vocab:
+            raise ValueError(f"prompt {i}: must be non-empty token ids in 0..{vocab - 1}")
+        return ids
+
+    def _step(self, items) -> None:
+        if not items:
+            return
+        ids, pos, seqs = [], [], []
+        for it in items:
+            seg = it.req.segs[it.seg]
+            ids += seg.tokens[it.start:it.start + it.n]
+            pos += seg.positions[it.start:it.start + it.n]
+            seqs.append((it.ctx, it.n))
+        self.attn.prepare(seqs)
+        hidden = self.model(torch.tensor(ids, device=self.device), torch.tensor(pos, device=self.device),
+                            self.attn)
+        rows, todo = [], []
+        end = 0
+        for it in items:
+            end += it.n
+            if it.sample is not None:
+                rows.append(end - 1)
+                todo.append(it)
+        if not rows:
+            return
+        logits = self.model.compute_logits(hidden[torch.tensor(rows, device=self.device)])
+        gens, toks, pens = [], [], []
+        for it in todo:
+            b, p = it.sample, it.req.params
+            if b.gen is None and p.temperature > 0:
+                b.gen = make_generator(it.req.seed, b.path, self.device)
+            gens.append(b.gen)
+            in_step = b.fork is not None
+            # NPR: the penalty inside a step covers that branch's own tokens; elsewhere the trunk's own tokens
+            toks.append(b.own)
+            pens.append(p.branch_repetition_penalty if in_step else p.repetition_penalty)
+        tokens, logprobs = sample(logits, [it.req.params for it in todo], gens, toks, pens)
+        for it, t, lp in zip(todo, tokens.tolist(), logprobs.tolist()):
+            it.req.on_sampled(it.sample, t, lp)
+
+    # output -----------------------------------------------------------------------------------
+    def _trajectory(self, req: Request) -> Trajectory:
+        order = req.flat_order()
+        new = {s: i for i, s in enumerate(order)}
+        ids, pos, seg_ids, lps = [], [], [], []
+        for s in order:
+            seg = req.segs[s]
+            ids += seg.tokens
+            pos += seg.positions
+            seg_ids += [new[s]] * len(seg.tokens)
+            lps += seg.logprobs
+        lps_a = np.asarray(lps, dtype=np.float32)
+        pos_a = np.asarray(pos, dtype=np.int32)
+        gen_pos = pos_a[req.prompt_len:]
+        return Trajectory.build(
+            token_ids=ids, positions=pos_a, segment_ids=seg_ids,
+            parents=[[new[p] for p in req.segs[s].parents] for s in order],
+            logprobs=lps_a, sampled=~np.isnan(lps_a), prompt_id=req.prompt_id, sample_idx=req.sample_idx,
+            version=self.version, prompt_len=req.prompt_len, finish_reason=req.finish_reason or "abort",
+            text=self.tokenizer.decode(ids[req.prompt_len:], skip_special_tokens=True),
+            num_tokens=req.generated, num_forks=req.num_forks, num_branches=req.num_branches,
+            critical_path=int(gen_pos.max()) + 1 - req.path_start if len(gen_pos) else 0, seed=req.seed)
+
+    @staticmethod
+    def no_fork_at(req: Request) -> list[int]:
+        """Token indices (flat order) of `</guideline>`s where the fork was suppressed (parse_structure's
+        `no_fork_at`)."""
+        start, out = 0, []
+        offsets = {}
+        for s in req.flat_order():
+            offsets[s] = start
+            start += len(req.segs[s].tokens)
+        return [offsets[s] + k for s, k in req.no_fork_at]
+

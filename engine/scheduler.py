@@ -1,0 +1,136 @@
+"""Continuous batching over the live branches of every request, with preemption by recompute.
+
+Each forward is a list of `Item`s: "extend logical segment s of request r by its next n uncached tokens".
+A decode is an item of one token (the branch's last sampled token); a forced header (`\\n<step>\\nK:`,
+`\\n<takeaway>\\n`) or a prompt chunk is an item of several; all of them share one forward, decodes first.
+An item may run once every segment it sees is cached or completed in the same forward (the attention
+backend writes all K/V of a layer before any query of that layer attends).
+
+When the pool is short the newest running request is preempted: its KV references are dropped and it goes
+back to the head of the queue with all its tokens, which are re-prefilled (recomputed) when it is admitted
+again. A request too long for the whole pool ends with finish reason `length`; nothing raises.
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+from engine.kv_store import KVStore
+from engine.npr_state import Branch, Request
+
+
+@dataclass
+class Item:
+    req: Request
+    seg: int
+    start: int  # first token (index in the segment) of this item
+    n: int
+    ctx: list[int] | None = None  # context slots, this item's tokens last
+    sample: Branch | None = None  # the branch to sample for from this item's last token
+
+
+class Scheduler:
+    def __init__(self, kv: KVStore, max_batch_tokens: int):
+        self.kv, self.max_batch_tokens = kv, max_batch_tokens
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.finished: list[Request] = []
+        self.num_preemptions = 0
+
+    def add(self, req: Request) -> None:
+        (self.finished if req.finish_reason else self.waiting).append(req)
+
+    def done(self) -> bool:
+        return not self.waiting and not self.running
+
+    # admission and preemption ------------------------------------------------------------------
+    def _admit(self) -> None:
+        # room for every running branch's next token, then the whole of the new request
+        reserve = sum(len(r.live()) for r in self.running)
+        while self.waiting:
+            req = self.waiting[0]
+            need = sum(len(s.tokens) for s in req.segs) + len(req.live())
+            if self.running and self.kv.num_free - reserve < need:
+                break
+            self.waiting.popleft()
+            req.attach(self.kv)
+            self.running.append(req)
+            reserve += len(req.live())
+
+    def preempt(self, req: Request) -> None:
+        req.detach()
+        self.running.remove(req)
+        self.waiting.appendleft(req)
+        self.num_preemptions += 1
+
+    def retire(self) -> None:
+        """Move finished requests out, dropping their KV."""
+        for req in [r for r in self.running if r.finish_reason]:
+            req.detach()
+            self.running.remove(req)
+            self.finished.append(req)
+
+    # one forward ------------------------------------------------------------------------------
+    def schedule(self) -> list[Item]:
+        self.retire()
+        self._admit()
+        while True:
+            items = self._plan()
+            need = sum(it.n for it in items)
+            if need <= self.kv.num_free:
+                break
+            victim = self.running[-1]
+            if len(self.running) == 1:  # alone and still too long for the pool
+                victim.finish("length")
+                self.retire()
+                return self.schedule() if not self.done() else []
+            self.preempt(victim)
+        for it in items:  # allocate, then fix each item's context
+            seg = it.req.segs[it.seg]
+            self.kv.extend(seg.kv, it.n)
+            seg.cached += it.n
+        for it in items:
+            req, seg = it.req, it.req.segs[it.seg]
+            anc = [s for s in req._closure(it.seg) if s != it.seg]
+            it.ctx = self.kv.context_slots([req.segs[s].kv for s in anc]) + \
+                self.kv.slots[seg.kv][:it.start + it.n]
+        return items
+
+    def _plan(self) -> list[Item]:
+        budget = self.max_batch_tokens
+        items: list[Item] = []
+        planned: dict[tuple[int, int], int] = {}  # (rid, seg) -> tokens planned
+
+        def ready(req: Request, s: int, with_planned: bool) -> bool:
+            for a in req._closure(s):
+                if a == s:
+                    continue
+                seg = req.segs[a]
+                done = seg.cached + (planned.get((req.rid, a), 0) if with_planned else 0)
+                if done < len(seg.tokens):
+                    return False
+            return True
+
+        def add(req: Request, s: int, n: int) -> None:
+            nonlocal budget
+            seg = req.segs[s]
+            it = Item(req, s, seg.cached, n)
+            if seg.cached + n == len(seg.tokens):
+                it.sample = next((b for b in req.live() if b.seg == s), None)
+            items.append(it)
+            planned[(req.rid, s)] = n
+            budget -= n
+
+        for req in self.running:  # decodes first: one token per live branch
+            for b in req.live():
+                seg = req.segs[b.seg]
+                if budget > 0 and len(seg.tokens) - seg.cached == 1 and ready(req, b.seg, False):
+                    add(req, b.seg, 1)
+        for req in self.running:  # then forced headers, `</step>`s and prompt chunks, in segment order
+            for s, seg in enumerate(req.segs):
+                left = len(seg.tokens) - seg.cached
+                if budget <= 0:
+                    return items
+                if left > 0 and (req.rid, s) not in planned and ready(req, s, True):
+                    add(req, s, min(left, budget))
+        return items
