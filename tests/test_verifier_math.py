@@ -72,7 +72,7 @@ def test_math_equivalence(gold, pred, expected):
 @pytest.mark.parametrize("text,answer,source", [
     (r"first \boxed{1} then \boxed{\frac{1}{2}}", r"\frac{1}{2}", "boxed"),
     (r"nested \boxed{\frac{a}{\sqrt{b}}} end", r"\frac{a}{\sqrt{b}}", "boxed"),
-    (r"\boxed 7.", "7.", "boxed"),
+    (r"escaped \boxed{\{1, 2\}}", r"\{1, 2\}", "boxed"),
     ("some work\nSo the answer is 42.", "42", "answer_is"),
     ("The final answer is: $\\frac{3}{4}$", r"\frac{3}{4}", "answer_is"),
     ("no answer here at all", None, "none"),

@@ -13,38 +13,17 @@ import re
 import threading
 from typing import Any
 
+from npr_async.format import last_boxed
 from npr_async.verifiers.base import Verdict, VerifierError, error_verdict, from_bool
 
 _ANSWER_IS = re.compile(r"answer\s+is\s*[:：]?\s*(.+?)\s*(?:\.\s*)?$", re.IGNORECASE | re.DOTALL)
-_BOX = re.compile(r"\\(?:boxed|fbox)\s*(?=[{ ])")
-
-
-def last_boxed(text: str) -> str | None:
-    """Content of the last `\\boxed{…}` (balanced braces) or `\\boxed x`; None when there is none."""
-    starts = [m.end() for m in _BOX.finditer(text)]
-    for start in reversed(starts):
-        i = start
-        while i < len(text) and text[i] == " ":
-            i += 1
-        if i < len(text) and text[i] == "{":
-            depth, j = 0, i
-            while j < len(text):
-                depth += {"{": 1, "}": -1}.get(text[j], 0)
-                if depth == 0:
-                    return text[i + 1:j].strip()
-                j += 1
-            continue  # unbalanced: try an earlier box
-        m = re.match(r"[^\s$]+", text[i:])
-        if m:
-            return m.group(0)
-    return None
 
 
 def extract_answer(response: str) -> tuple[str | None, str]:
     """(answer text, how it was found: "boxed" | "answer_is" | "none")."""
-    boxed = last_boxed(response)
+    boxed = last_boxed(response)  # balanced braces; escaped \\{ \\} do not nest
     if boxed is not None:
-        return boxed, "boxed"
+        return boxed.strip(), "boxed"
     tail = response.strip().splitlines()[-3:]  # a *final* statement only, not any mention earlier on
     m = _ANSWER_IS.search("\n".join(tail))
     if m:
