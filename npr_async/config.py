@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args, get_origin
 
 import msgspec
 import yaml
@@ -197,9 +197,36 @@ def _set_path(tree: dict, dotted: str, raw: str) -> None:
         value = yaml.safe_load(raw) if raw != "" else ""
     except yaml.YAMLError as e:
         raise ConfigError(f"override {dotted}={raw!r}: not a YAML value ({e})") from None
-    if isinstance(value, str) and _FLOAT.fullmatch(value):
+    target = _field_type(keys)
+    if target is str and isinstance(value, (bool, int, float)):
+        value = raw  # `--set model.path=2024` or `data.train=1e-4` name strings, not numbers
+    elif isinstance(value, str) and _FLOAT.fullmatch(value) and target is not str:
         value = float(value)  # YAML 1.1 reads `1e-4` as a string
     node[keys[-1]] = value
+
+
+def _field_type(keys: list) -> Any:
+    """The type the config declares at a key path (Annotated unwrapped), or None when there is no such key."""
+    t: Any = Config
+    for key in keys:
+        if isinstance(t, type) and issubclass(t, msgspec.Struct):
+            t = {f.name: f.type for f in msgspec.structs.fields(t)}.get(key)
+        elif get_origin(t) is dict:
+            t = get_args(t)[1]
+        else:
+            return None
+        if get_origin(t) is Annotated:
+            t = get_args(t)[0]
+    return t
+
+
+def _read_floats(node: dict, keys: tuple = ()) -> None:
+    """YAML 1.1 reads `lr: 1e-4` in a file as a string: read it as a number where the config wants a float."""
+    for key, value in node.items():
+        if isinstance(value, dict):
+            _read_floats(value, (*keys, key))
+        elif isinstance(value, str) and _FLOAT.fullmatch(value) and _field_type([*keys, key]) is float:
+            node[key] = float(value)
 
 
 def parse_overrides(overrides: list[str] | None) -> list[tuple[str, str]]:
@@ -223,6 +250,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
     if not isinstance(tree, dict):
         raise ConfigError(f"{path}: the top level must be a mapping, got {type(tree).__name__}")
+    _read_floats(tree)
     for key, raw in parse_overrides(overrides):
         _set_path(tree, key, raw)
     return config_from_dict(tree, source=str(path))
