@@ -100,13 +100,19 @@ class Rotary(nn.Module):
 
     def __init__(self, args: ModelArgs):
         super().__init__()
-        # Plain tensors, not buffers: `model.to(bfloat16)` must not round the frequencies.
-        self.inv_freq = rope_inv_freq(args)  # float32 [Dh/2]
-        self._cos_sin: torch.Tensor | None = None  # [n, 2, Dh/2] float32, grown on demand
+        self.args = args
+        self.register_buffer("inv_freq", rope_inv_freq(args), persistent=False)  # float32 [Dh/2]
+        self._cos_sin: torch.Tensor | None = None  # [n, 2, Dh/2] float32
+        self._pinned = False  # True after an explicit ensure(): no host reads of positions any more
 
-    def ensure(self, n: int, device: torch.device | None = None) -> torch.Tensor:
-        """Make the table cover positions < n (call ahead of CUDA-graph capture)."""
-        device = torch.device(device or "cpu")
+    def _apply(self, fn, recurse=True):
+        # `model.to(bfloat16)` would round the frequencies: recompute them in float32 wherever they landed.
+        super()._apply(fn, recurse)
+        self.inv_freq = rope_inv_freq(self.args).to(self.inv_freq.device)
+        self._cos_sin, self._pinned = None, False
+        return self
+
+    def _grow(self, n: int, device) -> torch.Tensor:
         t = self._cos_sin
         if t is None or t.shape[0] < n or t.device != device:
             size = max(n, 2 * t.shape[0] if t is not None and t.device == device else 0, 256)
@@ -115,14 +121,30 @@ class Rotary(nn.Module):
             self._cos_sin = t = torch.stack([freqs.cos(), freqs.sin()], dim=1)
         return t
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """x [T, H, Dh] rotated by positions [T] (HF's rotate_half layout)."""
-        n = int(positions.max()) + 1 if positions.numel() else 1
-        cs = self.ensure(n, x.device)[positions].to(x.dtype)  # [T, 2, Dh/2]
+    def ensure(self, n: int, device: torch.device | str | None = None) -> torch.Tensor:
+        """Cover positions < n and promise they stay below: later forwards never sync on positions.max()
+        (needed for CUDA-graph capture). Positions beyond the table then fail an index check."""
+        t = self._grow(n, torch.device(device) if device is not None else self.inv_freq.device)
+        self._pinned = True
+        return t
+
+    def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [T, 1, Dh] for positions [T]: computed once per forward and shared by all layers."""
+        t = self._cos_sin
+        if t is None or t.device != positions.device:
+            self._pinned = False
+        if not self._pinned:  # one host sync per forward
+            t = self._grow(int(positions.max()) + 1 if positions.numel() else 1, positions.device)
+        cs = t[positions].to(dtype)  # [T, 2, Dh/2]
         cos = torch.cat([cs[:, 0], cs[:, 0]], -1)[:, None]
         sin = torch.cat([cs[:, 1], cs[:, 1]], -1)[:, None]
-        x1, x2 = x.chunk(2, dim=-1)
-        return x * cos + torch.cat([-x2, x1], -1) * sin
+        return cos, sin
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [T, H, Dh] rotated in HF's rotate_half layout."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-x2, x1], -1) * sin
 
 
 class RMSNorm(nn.Module):
@@ -151,14 +173,14 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(self.dh, args.rms_norm_eps)
             self.k_norm = RMSNorm(self.dh, args.rms_norm_eps)
 
-    def forward(self, x, positions, rotary: Rotary, attn) -> torch.Tensor:
+    def forward(self, x, rope: tuple[torch.Tensor, torch.Tensor], attn) -> torch.Tensor:
         t = x.shape[0]
         q = self.q_proj(x).view(t, self.hq, self.dh)
         k = self.k_proj(x).view(t, self.hkv, self.dh)
         v = self.v_proj(x).view(t, self.hkv, self.dh)
         if hasattr(self, "q_norm"):
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = rotary(q, positions), rotary(k, positions)
+        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         o = attn(self.layer_idx, q, k, v)
         return self.o_proj(o.reshape(t, self.hq * self.dh))
 
@@ -181,8 +203,8 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
 
-    def forward(self, x, positions, rotary, attn):
-        x = x + self.self_attn(self.input_layernorm(x), positions, rotary, attn)
+    def forward(self, x, rope, attn):
+        x = x + self.self_attn(self.input_layernorm(x), rope, attn)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -217,11 +239,12 @@ class CausalLM(nn.Module):
             raise ValueError(f"flat tokens expected: input_ids {tuple(input_ids.shape)}, positions {tuple(positions.shape)}")
         m = self.model
         x = m.embed_tokens(input_ids)
+        rope = m.rotary_emb.cos_sin(positions, x.dtype)
         for layer in m.layers:
             if self.gradient_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(layer, x, positions, m.rotary_emb, attn, use_reentrant=False)
+                x = checkpoint(layer, x, rope, attn, use_reentrant=False)
             else:
-                x = layer(x, positions, m.rotary_emb, attn)
+                x = layer(x, rope, attn)
         return m.norm(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -146,6 +146,21 @@ def test_backend_contract_and_gradients():
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in ours.parameters())
 
 
+def test_rope_table_survives_dtype_casts_and_pinning():
+    _, ours = make_pair("llama3-rope")
+    ids, pos = torch.randint(0, 96, (6,)), torch.tensor([300, 5, 301, 6, 302, 7])  # arbitrary, not contiguous
+    ref = our_logits(ours, ids, pos, MaskedAttention(torch.ones(6, 6, dtype=torch.bool).tril()))
+    inv = ours.model.rotary_emb.inv_freq.clone()
+    ours.model.rotary_emb.to(torch.bfloat16)  # as in model.to(bf16): must not round the RoPE frequencies
+    assert ours.model.rotary_emb.inv_freq.dtype == torch.float32
+    assert torch.equal(ours.model.rotary_emb.inv_freq, inv)
+    ours.model.rotary_emb.ensure(512)  # pinned: no host read of positions.max() in forward
+    torch.testing.assert_close(our_logits(ours, ids, pos, MaskedAttention(torch.ones(6, 6, dtype=torch.bool).tril())),
+                               ref, atol=1e-6, rtol=0)
+    with pytest.raises(IndexError):
+        our_logits(ours, ids, pos + 1000, CausalAttention())
+
+
 def test_state_dict_roundtrip_to_hf(tmp_path):
     """Our state dict saves as an HF checkpoint that AutoModelForCausalLM and our loader both read."""
     from safetensors.torch import save_file
