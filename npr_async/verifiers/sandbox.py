@@ -107,7 +107,7 @@ def bwrap_works(python: str) -> str | None:
     with tempfile.TemporaryDirectory() as d:
         os.chmod(d, 0o755)
         uid = _fresh_uid()
-        _become_subreaper()
+        become_subreaper()
         try:
             r = subprocess.run([*bwrap_argv(python, d, Limits()), python, "-I", "-c", "print(1)"],
                                capture_output=True, timeout=30, preexec_fn=_drop_privileges(uid))
@@ -182,7 +182,7 @@ def run_python(program: str, stdin: str = "", limits: Limits = Limits(), mode: s
         else:
             raise ValueError(f"unknown sandbox mode {mode!r} (bwrap | rlimit)")
         uid = _fresh_uid()
-        _become_subreaper()
+        become_subreaper()
         proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 cwd=cwd, env=env, start_new_session=True, preexec_fn=_limit_fn(limits, uid))
         try:
@@ -283,11 +283,33 @@ def _kill_and_reap_uid(uid: int) -> None:
             pass
 
 
+def reap_adopted_sandboxes(passes: int = 10) -> int:
+    """Kill and reap the sandbox processes a killed worker left to us (we are its subreaper): our children
+    that run under another uid. Repeats while killing one re-parents another (bwrap's namespace init)."""
+    me, uid, total = os.getpid(), os.getuid(), 0
+    for _ in range(passes):
+        found = 0
+        for p in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                fields = open(f"/proc/{p}/stat").read().rsplit(")", 1)[1].split()
+                if int(fields[1]) != me or os.stat(f"/proc/{p}").st_uid == uid:
+                    continue
+                os.kill(int(p), signal.SIGKILL)
+                os.waitpid(int(p), 0)
+                found += 1
+            except (OSError, ValueError, IndexError):
+                pass
+        total += found
+        if not found:
+            break
+    return total
+
+
 _PR_SET_CHILD_SUBREAPER = 36
 
 
 @functools.lru_cache(maxsize=1)
-def _become_subreaper() -> bool:
+def become_subreaper() -> bool:
     """Orphans of our sandboxes re-parent to this process instead of init (which may reap late)."""
     try:
         import ctypes
