@@ -13,8 +13,6 @@ engine syncs once per step when it reads the tokens for the NPR state machine.
 """
 from __future__ import annotations
 
-import contextlib
-
 import torch
 
 from engine.triton_attention import decode_attention, default_splits, store_kv
@@ -46,27 +44,6 @@ class _TableAttention:
         return decode_attention(q, kc, vc, table=self.table, lens=self.lens, num_splits=self.splits)
 
 
-@contextlib.contextmanager
-def _static_rope(model, max_positions: int):
-    """Rotary.forward reads positions.max() on the host to grow its table, which a graph cannot capture:
-    grow the table once up front and index it directly while capturing (same arithmetic as Rotary)."""
-    rot = model.model.rotary_emb
-    table = rot.ensure(max_positions)
-
-    def forward(x, positions):
-        cs = table[positions].to(x.dtype)
-        cos = torch.cat([cs[:, 0], cs[:, 0]], -1)[:, None]
-        sin = torch.cat([cs[:, 1], cs[:, 1]], -1)[:, None]
-        x1, x2 = x.chunk(2, dim=-1)
-        return x * cos + torch.cat([-x2, x1], -1) * sin
-
-    rot.forward = forward
-    try:
-        yield table
-    finally:
-        del rot.forward
-
-
 class DecodeGraphs:
     def __init__(self, model, k_cache: torch.Tensor, v_cache: torch.Tensor, max_context: int,
                  buckets=DEFAULT_BUCKETS, max_batch: int | None = None):
@@ -96,25 +73,25 @@ class DecodeGraphs:
                                default_splits(b, self.k.shape[2], self.k.device))
 
     @torch.inference_mode()
-    def capture(self, max_positions: int) -> None:
-        """Capture every bucket (call once the caches exist; `max_positions` bounds RoPE positions)."""
+    def capture(self) -> None:
+        """Capture every bucket (call once the caches exist)."""
         pool = None
-        with _static_rope(self.model, max_positions) as rope_table:
-            self.rope_table = rope_table  # the graphs read it: keep it alive even if Rotary regrows
-            self.slots.fill_(-1)  # capture runs write nothing into the cache
-            self.lens.fill_(1)
-            s = torch.cuda.Stream()
-            s.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(s):  # warm-up off the capture stream: Triton compiles, cuBLAS picks
-                for b in reversed(self.buckets):
-                    self._step(b, self._attn(b))
-            torch.cuda.current_stream().wait_stream(s)
+        rot = self.model.model.rotary_emb  # a table covering max_position_embeddings: no host sync in forward
+        self.rope_table = rot.ensure(rot.max_positions, self.k.device)  # the graphs read it: keep it alive
+        self.slots.fill_(-1)  # capture runs write nothing into the cache
+        self.lens.fill_(1)
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):  # warm-up off the capture stream: Triton compiles, cuBLAS picks
             for b in reversed(self.buckets):
-                g = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(g, pool=pool):
-                    self._step(b, self._attn(b))
-                pool = g.pool() if pool is None else pool
-                self.graphs[b] = g
+                self._step(b, self._attn(b))
+        torch.cuda.current_stream().wait_stream(s)
+        for b in reversed(self.buckets):
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g, pool=pool):
+                self._step(b, self._attn(b))
+            pool = g.pool() if pool is None else pool
+            self.graphs[b] = g
         torch.cuda.synchronize()
 
     def bucket(self, n: int) -> int:
