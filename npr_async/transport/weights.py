@@ -5,7 +5,8 @@
     rx = WeightReceiver("nccl", rank=i + 1, world_size=1 + n_rollout, store_addr=addr, device="cuda:0")
     tx.send(model.named_parameters(), version=k)   |   version = rx.recv(into=model)
 
-Construction is collective (every rank must construct, like `init_process_group`), and so is each
+Construction never blocks (rank 0 binds its control store, so `address` is known at once); `connect()`
+is collective (every rank, like `init_process_group`; the first `send`/`recv` calls it), and so is each
 `send`/`recv` pair. Before any collective the ranks meet on the control store with deadlines (control.py),
 so a missing rank is a `WeightSyncTimeout` naming it, and a layout that does not match a receiver's model
 is a `WeightMismatch` on every rank instead of a hang or silently wrong weights.
@@ -39,11 +40,22 @@ class _Endpoint:
         self.backend, self.rank, self.world_size = backend, rank, world_size
         self.control = Control(rank, world_size, store_addr, timeout_s)
         self.address = self.control.address
-        self.control.join()
-        self.plane = _plane(backend, self.control, device, unique_id) if world_size > 1 else None
+        self._device, self._unique_id = device, unique_id
+        self.plane = None
+        self.connected = False
         self.round = 0
         self.version: int | None = None
         self.last_seconds = 0.0
+
+    def connect(self) -> None:
+        """Collective: every rank meets on the store (a missing one is named after `timeout_s`), then the
+        data plane is built. `send`/`recv` call it on first use; call it early to fail early."""
+        if self.connected:
+            return
+        self.control.join()
+        if self.world_size > 1:
+            self.plane = _plane(self.backend, self.control, self._device, self._unique_id)
+        self.connected = True
 
     def close(self) -> None:
         if self.plane is not None:
@@ -68,6 +80,7 @@ class WeightSender(_Endpoint):
 
     def send(self, named_tensors, version: int) -> buckets.Layout:
         """Broadcast `named_tensors` (module, mapping or (name, tensor) pairs) as weight `version`."""
+        self.connect()
         t0 = time.perf_counter()
         params = buckets.named_tensors(named_tensors)
         r = self.round
@@ -97,6 +110,7 @@ class WeightReceiver(_Endpoint):
     def recv(self, into, timeout_s: float | None = None, expect_version: int | None = None) -> int:
         """Receive the next weights into `into` (module or name → tensor mapping, updated in place) and
         return their version. `timeout_s` bounds the wait for rank 0 to start sending."""
+        self.connect()
         params = buckets.named_tensors(into)
         r = self.round
         meta = self.control.fetch_meta(r, timeout_s)
