@@ -48,8 +48,8 @@ def load_eval_rows(path: str, limit: int | None = None) -> list[dict]:
 
     try:
         rows = list(load_rows(path))
-    except (ValueError, KeyError, TypeError, OSError) as e:
-        raise _fail(f"--data {path!r}: {e}") from None
+    except (ValueError, OSError) as e:  # DatasetError (a ValueError) already names file:line
+        raise _fail(f"--data: {e}") from None
     rows = rows[:limit] if limit is not None else rows
     if not rows:
         raise _fail(f"--data {path!r}: no rows")
