@@ -32,7 +32,7 @@ def llm(model_dir):
 
 
 def small_sampling(**kw):
-    return msgspec.structs.replace(default_sampling(), max_total_tokens=48, max_path_tokens=48, **kw)
+    return msgspec.structs.replace(default_sampling(), max_total_tokens=32, max_path_tokens=32, **kw)
 
 
 def forced_fork_row(llm, row):
@@ -84,7 +84,7 @@ def test_engine_metrics_match_an_independent_recount(llm):
     assert res.mean_tokens == pytest.approx(res.total_tokens / 9)
     assert res.tokens_per_s == pytest.approx(res.total_tokens / res.wall_seconds) and res.wall_seconds > 0
     assert res.finish_reasons == dict(Counter(t.finish_reason for t in trajs))
-    assert all(t.num_tokens <= 48 for t in trajs)
+    assert all(t.num_tokens <= 32 for t in trajs)
     assert res.sampling["top_p"] == 0.7 and res.sampling["temperature"] == 1.0  # NPR's eval sampling
 
 
