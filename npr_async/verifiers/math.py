@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 import threading
+from fractions import Fraction
 from typing import Any
 
 from npr_async.format import last_boxed
@@ -43,9 +44,19 @@ def _parse(text: str, timeout: int | None):
     return parsed if parsed else parse(text, parsing_timeout=timeout)
 
 
+_NUMBER = re.compile(r"-?\d+(?:\.\d*)?")
+
+
+def _same_number(gold: str, pred: str) -> bool:
+    """Fast path for the common case, two equal plain numbers ("42" vs "42.0"): no LaTeX parse needed.
+    Unequal numbers still go to math-verify, whose rounding rules decide."""
+    g, p = gold.strip().strip("$").strip(), pred.strip().strip("$").strip()
+    return bool(_NUMBER.fullmatch(g) and _NUMBER.fullmatch(p)) and Fraction(g) == Fraction(p)
+
+
 def equivalent(gold: str, pred: str, timeout_s: int = 5) -> bool:
     """True when `pred` is mathematically equivalent to `gold` (order: gold first, as math-verify expects)."""
-    if pred.strip() == gold.strip():
+    if pred.strip() == gold.strip() or _same_number(gold, pred):
         return True
     timeout = timeout_s if _in_main_thread() else None
     from math_verify import verify
