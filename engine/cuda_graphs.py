@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from engine.triton_attention import decode_attention, default_splits, store_kv
+from engine.triton_attention import decode_attention, store_kv
 
 DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256)
 
@@ -23,32 +23,46 @@ DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256)
 def sample(logits: torch.Tensor, temperature: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Sample on the GPU without a host sync: exponential-race (Gumbel-max) over softmax(logits / T);
     T == 0 rows take the argmax. Returns (tokens int64 [B], logprob of each under the sampling law)."""
-    t = temperature.clamp_min(1e-6)[:, None]
-    logp = torch.log_softmax(logits / t, dim=-1)
+    hot = temperature > 0
+    logp = torch.log_softmax(logits / torch.where(hot, temperature, 1.0)[:, None], dim=-1)  # greedy: T=1 law
     race = logp - torch.empty_like(logp).exponential_().log()  # argmax of p / Exp(1)
-    tok = torch.where(temperature > 0, race.argmax(-1), logits.argmax(-1))
-    lp = torch.where(temperature > 0, logp.gather(1, tok[:, None])[:, 0],
-                     torch.log_softmax(logits, -1).gather(1, tok[:, None])[:, 0])
-    return tok, lp
+    tok = torch.where(hot, race.argmax(-1), logp.argmax(-1))
+    return tok, logp.gather(1, tok[:, None])[:, 0]
 
 
-class _TableAttention:
-    """Graph-side backend: fused KV write then Triton decode over the static slot table."""
+# Opaque to torch.compile, which fuses the model's norms, RoPE and SwiGLU around it. Declared as mutating
+# nothing: the KV write is a side effect on the caches, which nothing else in the compiled graph reads, and
+# declaring the 30-GB cache as mutated would let functionalization copy it. The split count is derived
+# from the concrete batch inside, so one dynamic-shape compile serves every bucket.
+@torch.library.custom_op("npr::slot_decode", mutates_args=())
+def slot_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                v_cache: torch.Tensor, layer: int, slots: torch.Tensor, table: torch.Tensor,
+                lens: torch.Tensor) -> torch.Tensor:
+    kc, vc = k_cache[layer], v_cache[layer]
+    store_kv(k, v, kc, vc, slots)
+    return decode_attention(q, kc, vc, table=table, lens=lens)
 
-    def __init__(self, k, v, slots, table, lens, splits):
-        self.k, self.v, self.slots, self.table, self.lens, self.splits = k, v, slots, table, lens, splits
 
-    def __call__(self, layer, q, k, v):
-        kc, vc = self.k[layer], self.v[layer]
-        store_kv(k, v, kc, vc, self.slots)
-        return decode_attention(q, kc, vc, table=self.table, lens=self.lens, num_splits=self.splits)
+@slot_decode.register_fake
+def _(q, k, v, k_cache, v_cache, layer, slots, table, lens):
+    return torch.empty_like(q)
+
+
+def decode_step(model, ids, pos, k_cache, v_cache, slots, table, lens):
+    """hidden -> logits of one decode step over the slot table (the function that is compiled)."""
+    def attn(layer, q, k, v):
+        return torch.ops.npr.slot_decode(q, k, v, k_cache, v_cache, layer, slots, table, lens)
+
+    return model.compute_logits(model(ids, pos, attn))
 
 
 class DecodeGraphs:
     def __init__(self, model, k_cache: torch.Tensor, v_cache: torch.Tensor, max_context: int,
-                 buckets=DEFAULT_BUCKETS, max_batch: int | None = None):
+                 buckets=DEFAULT_BUCKETS, max_batch: int | None = None, compile: bool = False):
         dev = k_cache.device
         self.model, self.k, self.v = model, k_cache, v_cache
+        # compile: inductor fuses the ~50 small elementwise kernels per layer that dominate small batches
+        self.forward = torch.compile(decode_step, dynamic=True) if compile else decode_step
         self.buckets = sorted(b for b in buckets if max_batch is None or b <= max_batch)
         n = self.max_batch = self.buckets[-1]
         self.max_context = max_context
@@ -62,34 +76,32 @@ class DecodeGraphs:
         self.logprobs = torch.zeros(n, dtype=torch.float32, device=dev)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
 
-    def _step(self, b: int, attn) -> None:
-        hidden = self.model(self.ids[:b], self.pos[:b], attn)
-        tok, lp = sample(self.model.compute_logits(hidden), self.temperature[:b])
+    def _step(self, b: int) -> None:
+        logits = self.forward(self.model, self.ids[:b], self.pos[:b], self.k, self.v, self.slots[:b],
+                              self.table[:b], self.lens[:b])
+        tok, lp = sample(logits, self.temperature[:b])
         self.tokens[:b].copy_(tok)
         self.logprobs[:b].copy_(lp)
-
-    def _attn(self, b: int) -> _TableAttention:
-        return _TableAttention(self.k, self.v, self.slots[:b], self.table[:b], self.lens[:b],
-                               default_splits(b, self.k.shape[2], self.k.device))
 
     @torch.inference_mode()
     def capture(self) -> None:
         """Capture every bucket (call once the caches exist)."""
         pool = None
-        rot = self.model.model.rotary_emb  # a table covering max_position_embeddings: no host sync in forward
-        self.rope_table = rot.ensure(rot.max_positions, self.k.device)  # the graphs read it: keep it alive
+        # a RoPE table covering every position: the forward then never syncs on positions.max()
+        rot = self.model.model.rotary_emb
+        self.rope_table = rot.ensure(self.model.args.max_position_embeddings, self.k.device)  # keep it alive
         self.slots.fill_(-1)  # capture runs write nothing into the cache
         self.lens.fill_(1)
         s = torch.cuda.Stream()
         s.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(s):  # warm-up off the capture stream: Triton compiles, cuBLAS picks
             for b in reversed(self.buckets):
-                self._step(b, self._attn(b))
+                self._step(b)
         torch.cuda.current_stream().wait_stream(s)
         for b in reversed(self.buckets):
             g = torch.cuda.CUDAGraph()
             with torch.cuda.graph(g, pool=pool):
-                self._step(b, self._attn(b))
+                self._step(b)
             pool = g.pool() if pool is None else pool
             self.graphs[b] = g
         torch.cuda.synchronize()
