@@ -18,7 +18,7 @@ from typing import Any
 import msgspec
 
 from npr_async.verifiers.base import Verdict, error_verdict
-from npr_async.verifiers.sandbox import become_subreaper, reap_adopted_sandboxes
+from npr_async.verifiers.reaper import become_subreaper, reap_adopted_sandboxes
 
 _CTX = mp.get_context("spawn")  # no fork of a threaded parent (Ray actors, ZMQ I/O threads)
 

@@ -12,10 +12,8 @@ from __future__ import annotations
 import functools
 import os
 import resource
-import secrets
 import selectors
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -23,6 +21,9 @@ import time
 from pathlib import Path
 
 import msgspec
+
+from npr_async.verifiers.reaper import (become_subreaper, count_own_processes, drop_privileges, fresh_uid,
+                                        kill_and_reap_uid, kill_group)
 
 BWRAP = shutil.which("bwrap") or "/usr/bin/bwrap"
 
@@ -106,39 +107,24 @@ def bwrap_works(python: str) -> str | None:
         return f"bubblewrap not found ({BWRAP}); install the Debian package `bubblewrap`"
     with tempfile.TemporaryDirectory() as d:
         os.chmod(d, 0o755)
-        uid = _fresh_uid()
+        uid = fresh_uid()
         become_subreaper()
         try:
             r = subprocess.run([*bwrap_argv(python, d, Limits()), python, "-I", "-c", "print(1)"],
-                               capture_output=True, timeout=30, preexec_fn=_drop_privileges(uid))
+                               capture_output=True, timeout=30, preexec_fn=drop_privileges(uid))
         except (OSError, subprocess.SubprocessError) as e:
             return f"bubblewrap failed to start: {e}"
         finally:
             if uid is not None:
-                _kill_and_reap_uid(uid)
+                kill_and_reap_uid(uid)
     if r.returncode != 0 or r.stdout.strip() != b"1":
         return f"bubblewrap cannot run here (rc {r.returncode}): {r.stderr.decode(errors='replace')[-300:]}"
     return None
 
 
-def _fresh_uid() -> int | None:
-    """As root, run each sandbox as its own unused uid: RLIMIT_NPROC is not enforced for uid 0, and it
-    is counted per uid, so a private uid makes the process limit exact and independent of other runs."""
-    return 200_000 + secrets.randbelow(1 << 24) if os.geteuid() == 0 else None
-
-
-def _drop_privileges(uid: int | None):
-    def pre() -> None:
-        if uid is not None:
-            os.setgroups([])
-            os.setgid(uid)
-            os.setuid(uid)
-    return pre
-
-
 def _limit_fn(limits: Limits, uid: int | None):
     # Not root: the process count is shared with our own uid, so allow what is running already on top.
-    base = 0 if uid is not None else _count_own_processes()
+    base = 0 if uid is not None else count_own_processes()
 
     def pre() -> None:
         mb = 1 << 20
@@ -147,19 +133,8 @@ def _limit_fn(limits: Limits, uid: int | None):
                            (resource.RLIMIT_FSIZE, limits.file_mb * mb), (resource.RLIMIT_NOFILE, limits.open_files),
                            (resource.RLIMIT_CORE, 0)):
             resource.setrlimit(res, (value, value))
-        _drop_privileges(uid)()
+        drop_privileges(uid)()
     return pre
-
-
-def _count_own_processes() -> int:
-    uid, n = os.getuid(), 0
-    for p in os.listdir("/proc"):
-        try:
-            if p.isdigit() and os.stat(f"/proc/{p}").st_uid == uid:
-                n += 1
-        except OSError:
-            pass
-    return n
 
 
 def run_python(program: str, stdin: str = "", limits: Limits = Limits(), mode: str = "bwrap",
@@ -181,14 +156,14 @@ def run_python(program: str, stdin: str = "", limits: Limits = Limits(), mode: s
             argv, cwd, env = [python, "-I", str(prog)], workdir, {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"}
         else:
             raise ValueError(f"unknown sandbox mode {mode!r} (bwrap | rlimit)")
-        uid = _fresh_uid()
+        uid = fresh_uid()
         become_subreaper()
         proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 cwd=cwd, env=env, start_new_session=True, preexec_fn=_limit_fn(limits, uid))
         try:
             return _communicate(proc, stdin.encode(), limits)
         finally:
-            _kill_group(proc, uid)
+            kill_group(proc, uid)
 
 
 def _communicate(proc: subprocess.Popen, data: bytes, limits: Limits) -> Result:
@@ -244,76 +219,3 @@ def _communicate(proc: subprocess.Popen, data: bytes, limits: Limits) -> Result:
     out, err = (bytes(bufs[f][:cap]).decode(errors="replace") for f in (proc.stdout, proc.stderr))
     return Result(returncode=code, stdout=out, stderr=err, timed_out=timed_out, output_limited=limited,
                   wall_s=time.monotonic() - start)
-
-
-def _kill_group(proc: subprocess.Popen, uid: int | None) -> None:
-    """SIGKILL the session we started (bwrap, or the program in rlimit mode), then anything left of its uid."""
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
-    for f in (proc.stdin, proc.stdout, proc.stderr):
-        try:
-            f.close()
-        except OSError:
-            pass
-    try:
-        proc.wait(timeout=5)
-    except subprocess.TimeoutExpired:
-        pass
-    if uid is not None:  # programs that called setsid() left our group; their private uid still names them
-        _kill_and_reap_uid(uid)
-
-
-def _kill_and_reap_uid(uid: int) -> None:
-    # bwrap's outer process exits without reaping its namespace init; as a child subreaper we inherit that
-    # zombie (and any orphan) and reap it here, so not even a zombie outlives the run.
-    me = os.getpid()
-    for p in os.listdir("/proc"):
-        if not p.isdigit():
-            continue
-        try:
-            if os.stat(f"/proc/{p}").st_uid != uid:
-                continue
-            os.kill(int(p), signal.SIGKILL)
-            ppid = int(open(f"/proc/{p}/stat").read().rsplit(")", 1)[1].split()[1])
-            if ppid == me:
-                os.waitpid(int(p), 0)
-        except (OSError, ValueError, IndexError):
-            pass
-
-
-def reap_adopted_sandboxes(passes: int = 10) -> int:
-    """Kill and reap the sandbox processes a killed worker left to us (we are its subreaper): our children
-    that run under another uid. Repeats while killing one re-parents another (bwrap's namespace init)."""
-    me, uid, total = os.getpid(), os.getuid(), 0
-    for _ in range(passes):
-        found = 0
-        for p in filter(str.isdigit, os.listdir("/proc")):
-            try:
-                fields = open(f"/proc/{p}/stat").read().rsplit(")", 1)[1].split()
-                if int(fields[1]) != me or os.stat(f"/proc/{p}").st_uid == uid:
-                    continue
-                os.kill(int(p), signal.SIGKILL)
-                os.waitpid(int(p), 0)
-                found += 1
-            except (OSError, ValueError, IndexError):
-                pass
-        total += found
-        if not found:
-            break
-    return total
-
-
-_PR_SET_CHILD_SUBREAPER = 36
-
-
-@functools.lru_cache(maxsize=1)
-def become_subreaper() -> bool:
-    """Orphans of our sandboxes re-parent to this process instead of init (which may reap late)."""
-    try:
-        import ctypes
-
-        return ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
-    except (OSError, AttributeError):
-        return False
