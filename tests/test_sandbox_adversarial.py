@@ -173,3 +173,24 @@ def test_refuses_without_bubblewrap(monkeypatch):
 class _Cfg:
     def __init__(self, **kw):
         self.__dict__.update(kw)
+
+
+def test_our_own_interpreter_outside_usr():
+    """Bound read-only when an unprivileged user can reach it; refused with a clear error when not (as root,
+    bwrap runs under the sandbox's private uid, which cannot enter /root where pyenv lives here)."""
+    import sys
+
+    import npr_async.verifiers.sandbox as sb
+
+    real = os.path.realpath(sys.executable)
+    if real.startswith("/usr/"):
+        pytest.skip("our interpreter lives under /usr")
+    prog = ("import sys, os\nprint(sys.version.split()[0])\n"
+            "print(os.path.exists(os.path.expanduser('~root/.bashrc')), os.path.exists('/work'))\n")
+    if os.geteuid() == 0 and not sb._world_reachable(real):
+        with pytest.raises(sb.SandboxUnavailable, match="sandbox_python"):
+            run_python(prog, limits=FAST, python=real)
+        return
+    r = run_python(prog, limits=FAST, python=real)
+    assert r.ok, r.stderr
+    assert r.stdout.splitlines() == [sys.version.split()[0], "False False"]

@@ -14,6 +14,7 @@ import os
 import resource
 import selectors
 import shutil
+import stat
 import subprocess
 import sys
 import tempfile
@@ -66,12 +67,25 @@ def sandbox_python(configured: str = "") -> str:
 
 
 def _python_binds(python: str) -> list[str]:
-    """Read-only binds for an interpreter outside /usr (e.g. pyenv): its install prefix."""
+    """Read-only bind of an interpreter's install prefix outside /usr (e.g. pyenv, a venv's base)."""
     real = os.path.realpath(python)
     if real.startswith("/usr/"):
         return []
     prefix = str(Path(real).parent.parent)  # <prefix>/bin/python3.x -> <prefix> holds lib/python3.x
+    if os.geteuid() == 0 and not _world_reachable(real):
+        # bwrap runs as the sandbox's unprivileged uid (see reaper.fresh_uid): it must reach the prefix itself
+        raise SandboxUnavailable(
+            f"the sandbox interpreter {real} is not readable by an unprivileged user (e.g. it lives under "
+            f"/root); set verifier.sandbox_python to a world-readable python such as /usr/bin/python3")
     return ["--ro-bind", prefix, prefix]
+
+
+def _world_reachable(path: str) -> bool:
+    parts = Path(path).parts
+    for k in range(1, len(parts)):
+        if not os.stat(os.path.join(*parts[:k])).st_mode & stat.S_IXOTH:
+            return False
+    return os.stat(path).st_mode & (stat.S_IROTH | stat.S_IXOTH) == (stat.S_IROTH | stat.S_IXOTH)
 
 
 def _root_binds() -> list[str]:
@@ -87,6 +101,7 @@ def _root_binds() -> list[str]:
 
 
 def bwrap_argv(python: str, workdir: str, limits: Limits, uid_inside: int = 1000) -> list[str]:
+    """bwrap's arguments up to the command (the interpreter and its arguments follow)."""
     return [
         BWRAP, "--unshare-user", "--unshare-pid", "--unshare-net", "--unshare-ipc", "--unshare-uts",
         "--disable-userns", "--die-with-parent", "--new-session", "--clearenv",
@@ -110,8 +125,10 @@ def bwrap_works(python: str) -> str | None:
         uid = fresh_uid()
         become_subreaper()
         try:
-            r = subprocess.run([*bwrap_argv(python, d, Limits()), python, "-I", "-c", "print(1)"],
-                               capture_output=True, timeout=30, preexec_fn=drop_privileges(uid))
+            argv = [*bwrap_argv(python, d, Limits()), os.path.realpath(python), "-I", "-c", "print(1)"]
+            r = subprocess.run(argv, capture_output=True, timeout=30, preexec_fn=drop_privileges(uid))
+        except SandboxUnavailable as e:
+            return str(e)
         except (OSError, subprocess.SubprocessError) as e:
             return f"bubblewrap failed to start: {e}"
         finally:
@@ -150,7 +167,7 @@ def run_python(program: str, stdin: str = "", limits: Limits = Limits(), mode: s
             why = bwrap_works(python)
             if why:
                 raise SandboxUnavailable(why + " (set verifier.sandbox: rlimit to accept the weaker rlimit-only mode)")
-            argv = [*bwrap_argv(python, workdir, limits), python, "-I", "/input/main.py"]
+            argv = [*bwrap_argv(python, workdir, limits), os.path.realpath(python), "-I", "/input/main.py"]
             cwd, env = "/", {}
         elif mode == "rlimit":
             argv, cwd, env = [python, "-I", str(prog)], workdir, {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"}
