@@ -74,6 +74,7 @@ class RolloutConfig(Section):
     num_cpus_per_worker: Annotated[float, msgspec.Meta(gt=0.0)] = 0.5
     prompts_per_step: Pos = 16
     samples_per_prompt: Pos = 16
+    chunk_samples: Pos = 64  # samples per engine call: finished chunks stream to the verifiers meanwhile
     sampling: SamplingConfig = msgspec.field(default_factory=SamplingConfig)
     eval_sampling: SamplingConfig = msgspec.field(
         default_factory=lambda: SamplingConfig(temperature=1.0, top_p=0.7))
@@ -112,6 +113,7 @@ class LearnerConfig(Section):
     streaming: bool = True  # accumulate group by group while rollouts still run
     activation_checkpointing: bool = False
     num_gpus: Annotated[float, msgspec.Meta(ge=0.0)] = 0.0
+    num_cpus: Annotated[float, msgspec.Meta(gt=0.0)] = 1.0
     fsdp: bool = False
     clip_low: Frac = 0.2
     clip_high: Frac = 0.28
@@ -151,6 +153,7 @@ class ControllerConfig(Section):
     step_timeout_s: PosFloat = 1800.0
     checkpoint_every: NonNeg = 0  # 0: only at the end
     eval_every: NonNeg = 0
+    eval_k: Pos = 4  # samples per held-out problem (avg@k) after SFT and after RL
     seed: int = 0
 
 

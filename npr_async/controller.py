@@ -1,0 +1,179 @@
+"""The controller: one strictly on-policy RL step after another, over the Ray actors (DESIGN.md).
+
+    (1) learner broadcasts weights v_k ──► every rollout generator (version handshake)
+    (2) prompt shards ──► rollout generators ──ZMQ──► verifier pool ──ZMQ──► replay buffer
+    (3) the learner pulls complete groups from the buffer while rollouts still run (streaming)
+    (4) all B×G samples of v_k in: one optimizer step ──► v_{k+1}
+
+Every wait is bounded and its timeout names the actor. A rollout generator that dies mid-step is
+replaced, the weight group re-formed, and the samples the buffer still misses re-dispatched: the buffer
+counts each (prompt, sample) once, whoever delivers it.
+"""
+from __future__ import annotations
+
+import os
+import random
+import time
+from pathlib import Path
+
+import ray
+
+from actors.buffer import ReplayBuffer
+from actors.learner import Learner
+from actors.rollout import RolloutGenerator, make_request
+from actors.verifier_pool import VerifierPool
+from npr_async.config import Config, to_dict
+
+
+def init_ray(cfg: Config) -> None:
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    if cfg.controller.ray_address:
+        ray.init(address=cfg.controller.ray_address, log_to_driver=False)
+        return
+    need = (cfg.rollout.num_workers * cfg.rollout.num_cpus_per_worker + cfg.learner.num_cpus
+            + cfg.verifier.num_workers * cfg.verifier.num_cpus_per_worker + 1)
+    ray.init(num_cpus=max(os.cpu_count() or 1, int(need) + 1), include_dashboard=False, log_to_driver=False,
+             configure_logging=False)
+
+
+class Cluster:
+    """The actor handles of one run, and how to (re)build each."""
+
+    def __init__(self, cfg: Config, model_dir: str, train_rows: list[dict], resume: str | None = None):
+        self.cfg, self.model_dir = cfg, model_dir
+        self.cfg_dict = to_dict(cfg)
+        device = lambda gpus: "cuda" if gpus > 0 else "cpu"  # noqa: E731
+        self.rollout_device = device(cfg.rollout.num_gpus_per_worker)
+        self.buffer = ray.remote(ReplayBuffer).options(num_cpus=0.05, max_concurrency=8).remote(
+            cfg.transport.zmq_scheme, cfg.transport.zmq_hwm, cfg.buffer.dynamic_sampling)
+        self.buffer_address = ray.get(self.buffer.address.remote(), timeout=60)
+        self.verifiers = VerifierPool(cfg.verifier, tasks=train_rows)
+        self.verifier_addresses = self.verifiers.serve(self.buffer_address, cfg.transport.zmq_scheme)
+        self.learner = ray.remote(Learner).options(
+            num_cpus=cfg.learner.num_cpus, num_gpus=cfg.learner.num_gpus, max_concurrency=2).remote(
+            model_dir, self.cfg_dict, device(cfg.learner.num_gpus), resume)
+        self.rollouts = [self._new_rollout(i) for i in range(cfg.rollout.num_workers)]
+        _get([self.learner.ready.remote()] + [r.ready.remote() for r in self.rollouts], 600, "actors to start")
+        self.form_weight_group()
+
+    def _new_rollout(self, i: int):
+        c = self.cfg.rollout
+        actor = ray.remote(RolloutGenerator).options(
+            num_cpus=c.num_cpus_per_worker, num_gpus=c.num_gpus_per_worker).remote(
+            f"rollout-{i}", self.model_dir, self.cfg_dict, self.rollout_device)
+        actor.connect_output.remote(self.verifier_addresses[i % len(self.verifier_addresses)])
+        return actor
+
+    def replace_rollout(self, i: int) -> None:
+        try:
+            ray.kill(self.rollouts[i])
+        except Exception:
+            pass
+        self.rollouts[i] = self._new_rollout(i)
+        _get([self.rollouts[i].ready.remote()], 600, f"replacement rollout-{i} to start")
+        self.form_weight_group()
+
+    def form_weight_group(self) -> None:
+        """Learner = rank 0, generator i = rank i + 1. Collective: all join at once."""
+        t = self.cfg.transport.recv_timeout_s
+        _get([self.learner.close_weights.remote()] + [r.close.remote() for r in self.rollouts], t, "weight close")
+        world = 1 + len(self.rollouts)
+        addr = _get([self.learner.open_weights.remote(world)], t, "learner to open the weight group")[0]
+        _get([self.learner.join_weights.remote()]
+             + [r.join_weights.remote(i + 1, world, addr) for i, r in enumerate(self.rollouts)],
+             t, "the weight group to form")
+        for i, r in enumerate(self.rollouts):
+            r.connect_output.remote(self.verifier_addresses[i % len(self.verifier_addresses)])
+
+    def sync_weights(self, version: int) -> float:
+        t0 = time.perf_counter()
+        _get([self.learner.broadcast.remote()] + [r.receive_weights.remote(version) for r in self.rollouts],
+             self.cfg.transport.recv_timeout_s, f"weights v{version} to reach every rollout generator")
+        return time.perf_counter() - t0
+
+    def shutdown(self) -> None:
+        for name, fn in (("buffer", lambda: self.buffer.close.remote()),
+                         ("verifiers", self.verifiers.shutdown)):
+            try:
+                ref = fn()
+                if ref is not None:
+                    ray.get(ref, timeout=30)
+            except Exception:
+                pass
+        for actor in [self.learner, self.buffer, *self.rollouts]:
+            try:
+                ray.kill(actor)
+            except Exception:
+                pass
+
+
+def _get(refs: list, timeout_s: float, what: str) -> list:
+    try:
+        return ray.get(refs, timeout=timeout_s)
+    except ray.exceptions.GetTimeoutError:
+        raise TimeoutError(f"controller: timed out after {timeout_s:.0f}s waiting for {what}") from None
+
+
+def step_prompts(rows: list[dict], step: int, n: int, seed: int) -> list[dict]:
+    """The step's prompts: a seeded shuffle per epoch, so resuming at step k picks the same prompts."""
+    per_epoch = max(1, len(rows) // n)
+    epoch, k = divmod(step, per_epoch)
+    order = list(range(len(rows)))
+    random.Random(seed * 1_000_003 + epoch).shuffle(order)
+    return [rows[i] for i in order[k * n:(k + 1) * n]]
+
+
+def run_step(cluster: Cluster, step: int, rows: list[dict], on_dispatch=None) -> dict:
+    """One strictly on-policy step; returns its metrics."""
+    cfg = cluster.cfg
+    timeout = cfg.controller.step_timeout_s
+    version = _get([cluster.learner.version.remote()], 60, "the learner's weight version")[0]
+    sync_s = cluster.sync_weights(version)
+    G = cfg.rollout.samples_per_prompt
+    prompt_ids = [str(r["id"]) for r in rows]
+    _get([cluster.buffer.begin_step.remote(step, version, prompt_ids, G)], 60, "the replay buffer")
+    t0 = time.perf_counter()
+    learner_ref = cluster.learner.train_step.remote(step, cluster.buffer, timeout)
+    n = len(cluster.rollouts)
+    shards = {i: rows[i::n] for i in range(n) if rows[i::n]}
+    pending = {cluster.rollouts[i].generate.remote(make_request(step, version, s, G)): i for i, s in shards.items()}
+    if on_dispatch is not None:
+        on_dispatch(step, cluster)
+    reports, restarts = [], 0
+    deadline = time.monotonic() + timeout
+    while pending:
+        done, _ = ray.wait(list(pending), num_returns=1, timeout=max(deadline - time.monotonic(), 0.01))
+        if not done:
+            names = sorted(f"rollout-{i}" for i in pending.values())
+            raise TimeoutError(f"controller: step {step}: {', '.join(names)} did not finish within {timeout:.0f}s")
+        ref = done[0]
+        i = pending.pop(ref)
+        try:
+            reports.append(ray.get(ref))
+        except (ray.exceptions.RayActorError, ray.exceptions.ActorDiedError):
+            restarts += 1
+            if restarts > 3 * n:
+                raise RuntimeError(f"controller: step {step}: rollout generators keep dying ({restarts} restarts)")
+            cluster.replace_rollout(i)
+            cluster.sync_weights(version)
+            missing = _get([cluster.buffer.missing.remote()], 60, "the replay buffer")[0]
+            redo = {p: idx for p, idx in missing.items() if idx and p in {str(r["id"]) for r in shards[i]}}
+            if redo:
+                req = make_request(step, version, [r for r in shards[i] if str(r["id"]) in redo], G)
+                pending[cluster.rollouts[i].generate.remote(req, redo)] = i
+    rollout_s = time.perf_counter() - t0
+    metrics = _get([learner_ref], timeout, f"the learner to finish step {step}")[0]
+    stats = _get([cluster.buffer.stats.remote()], 60, "the replay buffer's stats")[0]
+    tokens = sum(r.num_tokens for r in reports)
+    metrics.update(version=version, weight_sync_s=sync_s, rollout_s=rollout_s,
+                   step_s=time.perf_counter() - t0 + sync_s, rollout_tokens=tokens,
+                   tokens_per_s=tokens / max(rollout_s, 1e-9), rollout_restarts=restarts,
+                   stale_dropped=stats["stale_dropped"], duplicates=stats["duplicates"],
+                   transport_lost=stats["transport_lost"])
+    return metrics
+
+
+def checkpoint_dir(run_dir: str | Path, step: int) -> Path:
+    return Path(run_dir) / "checkpoints" / f"step_{step:06d}"
