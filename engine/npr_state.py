@@ -66,6 +66,7 @@ class Branch:
     step_tokens: int = 0
     state: str = "run"  # run | wait (children running) | done (step closed)
     sequential: bool = False  # a fork was suppressed here: the model writes its steps itself
+    forked: Fork | None = None  # the fork it waits on (state "wait")
 
     @property
     def depth(self) -> int:
@@ -106,7 +107,8 @@ class Request:
         frames = []
         for of in s.open_forks:  # outermost first: rebuild each open fork around its parent branch
             parent.state = "wait"
-            fork = Fork(parent, of.fork_segment, of.base_position, self._count_plans(of.fork_segment) or 0)
+            fork = parent.forked = Fork(parent, of.fork_segment, of.base_position,
+                                        self._count_plans(of.fork_segment) or 0)
             frames.append(fork)
             self.num_forks += 1
             for sg in of.step_segments:  # finished steps
@@ -123,12 +125,15 @@ class Request:
             if fork.plans == 0 or len(fork.children) > fork.plans:
                 return self.finish("format_error")
             for k in range(len(fork.children) + 1, fork.plans + 1):
-                self._spawn_step(fork, k)
-            if all(c.state == "done" for c in fork.children):
+                if self.finish_reason is None:
+                    self._spawn_step(fork, k)
+            if self.finish_reason is None and fork.parent.state == "wait" and \
+                    all(c.state == "done" for c in fork.children):
                 self._join(fork)
 
-    def _fork_of(self, parent: Branch) -> Fork:
-        return next(b.fork for b in self.branches if b.fork is not None and b.fork.parent is parent)
+    @staticmethod
+    def _fork_of(parent: Branch) -> Fork:
+        return parent.forked
 
     def _add_branch(self, b: Branch) -> Branch:
         self.branches.append(b)
@@ -154,6 +159,26 @@ class Request:
     def finish(self, reason: str) -> None:
         if self.finish_reason is None:
             self.finish_reason = reason
+            if self.branches[0].state == "wait":  # ended inside a fork: close every open step
+                self._seal(self._fork_of(self.branches[0]))
+
+    def _seal(self, fork: Fork) -> None:
+        """Append a forced `</step>` to every open step (innermost forks first) so the output stays a
+        well-formed prefix: parse_structure then computes exactly these segments and positions."""
+        for c in fork.children:
+            if c.state == "wait":  # its `</step>` ends the nested fork's join run, which it then closes
+                inner = self._fork_of(c)
+                self._seal(inner)
+                self.segs.append(Seg([inner.seg] + [x.seg for x in inner.children]))
+                c.seg = len(self.segs) - 1
+                self.segs[inner.seg].follows.append(c.seg)
+                c.next_pos = max(x.next_pos for x in inner.children)
+            if c.state != "done":
+                self.append(c, self.tags.step_end)
+                c.state = "done"
+
+    def open_steps(self) -> int:
+        return sum(1 for b in self.branches if b.fork is not None and b.state != "done")
 
     def append(self, b: Branch, token: int, logprob: float = float("nan")) -> None:
         seg = self.segs[b.seg]
@@ -198,7 +223,9 @@ class Request:
 
     def _check_budgets(self, b: Branch) -> None:
         p = self.limits
-        if self.generated >= p.max_total_tokens or b.next_pos - self.path_start >= p.max_path_tokens:
+        # leave room for the `</step>` that closes each open step should the request end here
+        if self.generated + self.open_steps() >= p.max_total_tokens or \
+                b.next_pos - self.path_start + b.depth >= p.max_path_tokens:
             return self.finish("length")
         if b.fork is not None and b.step_tokens >= p.max_step_tokens - 1:
             self.append(b, self.tags.step_end)  # force-close the step (the tag counts too)
@@ -221,20 +248,23 @@ class Request:
 
     def _on_guideline_end(self, b: Branch) -> None:
         plans = self._count_plans(b.seg)
-        if plans is None:
+        if plans is None:  # no fork happened here: to parse_structure this `</guideline>` is plain text
+            self.no_fork_at.append((b.seg, len(self.segs[b.seg].tokens) - 1))
             return self.finish("format_error")
         # fork suppressed near the end of the budget: decoding goes on sequentially
         if self.budget_left() < self.limits.fork_margin_tokens:
             self.no_fork_at.append((b.seg, len(self.segs[b.seg].tokens) - 1))
             b.sequential = True
             return self._check_budgets(b)
-        if self.generated >= self.limits.max_total_tokens:
-            return self.finish("length")
-        fork = Fork(b, b.seg, b.next_pos, plans)
+        if self.generated + self.open_steps() + 2 * plans > self.limits.max_total_tokens:
+            self.no_fork_at.append((b.seg, len(self.segs[b.seg].tokens) - 1))
+            return self.finish("length")  # not even the step headers fit
+        fork = b.forked = Fork(b, b.seg, b.next_pos, plans)
         b.state = "wait"
         self.num_forks += 1
         for k in range(1, plans + 1):
-            self._spawn_step(fork, k)
+            if self.finish_reason is None:  # a step header may already exhaust the budget
+                self._spawn_step(fork, k)
 
     def _spawn_step(self, fork: Fork, k: int) -> None:
         self.segs.append(Seg([fork.seg]))
@@ -253,7 +283,8 @@ class Request:
     def _close_step(self, b: Branch) -> None:
         b.state = "done"
         fork = b.fork
-        if all(c.state == "done" for c in fork.children):
+        if self.finish_reason is None and len(fork.children) == fork.plans and \
+                all(c.state == "done" for c in fork.children):
             self._join(fork)
 
     def _join(self, fork: Fork) -> None:
