@@ -61,12 +61,29 @@ class Document:
 
 
 class _Parser:
+    """Recursive descent with memos: each (index, depth) is tried once, so hostile input parses in ~linear time."""
+
     def __init__(self, text: str):
         self.items = [p for p in TAG_RE.split(text) if p]
+        self.tags = [p if TAG_RE.fullmatch(p) else None for p in self.items]
         self.last_end = 0  # item index after the last top-level block
+        self.block_memo: dict[tuple[int, int], tuple[Block, int] | None] = {}
+        self.end_memo: dict[tuple[int, int], int] = {}
 
     def tag(self, i: int) -> str | None:
-        return self.items[i] if i < len(self.items) and TAG_RE.fullmatch(self.items[i]) else None
+        return self.tags[i] if i < len(self.tags) else None
+
+    def end_of_step(self, i: int, depth: int) -> int:
+        """Index of the </step> (or the end) that closes a step body starting at i; memoised along the path."""
+        path, j = [], i
+        while (j, depth) not in self.end_memo and j < len(self.items) and self.tags[j] != STEP_END:
+            path.append(j)
+            found = self.tags[j] == GUIDELINE and depth < PARSE_DEPTH_LIMIT and self.block(j, depth)
+            j = found[1] if found else j + 1
+        end = self.end_memo.get((j, depth), j)
+        for k in path:
+            self.end_memo[(k, depth)] = end
+        return end
 
     def body(self, i: int, depth: int, in_step: bool):
         """Text with blocks, up to the end or (in a step) the next </step>; returns blocks, strays, index."""
@@ -88,7 +105,12 @@ class _Parser:
         return blocks, strays, i
 
     def block(self, i: int, depth: int) -> tuple[Block, int] | None:
-        """A complete block starting at the <guideline> at i, or None."""
+        """A complete block starting at the <guideline> at i, and the index after it; or None."""
+        if (i, depth) not in self.block_memo:
+            self.block_memo[(i, depth)] = self._block(i, depth)
+        return self.block_memo[(i, depth)]
+
+    def _block(self, i: int, depth: int) -> tuple[Block, int] | None:
         plans, outer, between, pending = [], [], [], ""
         i += 1
         while (tag := self.tag(i)) != GUIDELINE_END:
@@ -119,12 +141,10 @@ class _Parser:
                 between_steps.append(self.items[i])
                 i += 1
             elif tag == STEP:
-                blocks, strays, end = self.body(i + 1, depth + 1, in_step=True)
+                end = self.end_of_step(i + 1, depth + 1)
                 if self.tag(end) != STEP_END:
                     return None
-                text = "".join(self.items[i + 1:end])
-                m = ID_RE.match(text)
-                steps.append(Step(text, m.group(1) if m else None, blocks, [t for t, _ in strays]))
+                steps.append((i + 1, end))
                 i = end + 1
             else:
                 return None
@@ -133,7 +153,13 @@ class _Parser:
             take, i = self.items[i + 1], i + 1
         if not steps or self.tag(i + 1) != TAKEAWAY_END:
             return None
-        return Block(plans, steps, take, depth, "".join(outer), "".join(between), "".join(between_steps)), i + 2
+        built = []
+        for start, end in steps:  # the block is complete: now collect its steps' contents
+            blocks, strays, _ = self.body(start, depth + 1, in_step=True)
+            text = "".join(self.items[start:end])
+            m = ID_RE.match(text)
+            built.append(Step(text, m.group(1) if m else None, blocks, [t for t, _ in strays]))
+        return Block(plans, built, take, depth, "".join(outer), "".join(between), "".join(between_steps)), i + 2
 
 
 def parse(text) -> Document:

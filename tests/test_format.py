@@ -165,3 +165,13 @@ def test_mutated_trajectories_never_raise(seed, num_edits):
         text = rng.choice([text[:i] + text[j:], text[:i] + rng.choice(PIECES) + text[i:],
                            text[:j] + text[i:j] + text[j:]])
     assert_total(text)
+
+
+@pytest.mark.parametrize("unit", ["<guideline><plan>1: a</plan></guideline><step>1: x ",
+                                  "<guideline></guideline><step>", "<guideline><plan>1: aaa</plan></guideline>"
+                                  "<step>1: abcdef"])
+def test_degenerate_repetition_parses_fast(unit):
+    import time  # unclosed nested steps made a backtracking parser exponential (> 5 min at 500 repeats)
+    start = time.monotonic()
+    assert format_score(unit * 1500) == -1.5
+    assert time.monotonic() - start < 20
