@@ -68,10 +68,12 @@ def test_code_tasks_and_a_sandbox_outliving_the_pool_timeout(procpool):
     slow = {"id": "slow", "tests": [{"input": "", "output": "x"}]}
     cfg_slow = VerifierConfig(timeout_s=1.5, processes_per_worker=1, code_timeout_s=60.0)
     with VerifierProcessPool(cfg_slow) as pool:  # the sandbox would allow 60 s: the pool kills it at 1.5 s
+        victim = pool.workers[0].proc.pid
         [v] = pool.verify_batch([slow], [hang])
-        assert v.details.get("timed_out") and v.reward == -1.0
+        assert v.details.get("timed_out") and v.reward == -1.0 and pool.workers[0].proc.pid != victim
     time.sleep(0.3)
     assert _sandbox_uids_alive() == []  # bwrap --die-with-parent took the sandbox down with the worker
+    assert not [d for d in os.listdir("/tmp") if d.startswith(f"npr-sbx-{victim}-")]  # its workdir removed
     out = procpool.verify_batch([ADD, ADD], [ADD_OK, "print(5)"])
     assert out[0].correct and out[0].details["passed"] == 2
     assert not out[1].correct and out[1].details["failure"]["case"] == 1

@@ -19,6 +19,7 @@ import msgspec
 
 from npr_async.verifiers.base import Verdict, error_verdict
 from npr_async.verifiers.reaper import become_subreaper, reap_adopted_sandboxes
+from npr_async.verifiers.sandbox import remove_workdirs
 
 _CTX = mp.get_context("spawn")  # no fork of a threaded parent (Ray actors, ZMQ I/O threads)
 
@@ -164,6 +165,7 @@ class VerifierProcessPool:
     def _replace(self, w: _Worker) -> None:
         w.kill()
         reap_adopted_sandboxes()
+        remove_workdirs(w.proc.pid)
         fresh = _Worker(self.cfg_dict)
         w.conn, w.proc, w.job, w.ready = fresh.conn, fresh.proc, None, False
         self.stats["replaced"] += 1

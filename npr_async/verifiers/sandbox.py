@@ -10,6 +10,7 @@ used only when the config chooses it explicitly.
 from __future__ import annotations
 
 import functools
+import glob
 import os
 import resource
 import selectors
@@ -27,6 +28,15 @@ from npr_async.verifiers.reaper import (become_subreaper, count_own_processes, d
                                         kill_and_reap_uid, kill_group)
 
 BWRAP = shutil.which("bwrap") or "/usr/bin/bwrap"
+WORKDIR_PREFIX = "npr-sbx-"  # + the pid running the sandbox, so a pool can clean up after a killed worker
+
+
+def remove_workdirs(pid: int) -> int:
+    """Delete the program directories a SIGKILLed process `pid` could not clean up itself."""
+    dirs = glob.glob(os.path.join(tempfile.gettempdir(), f"{WORKDIR_PREFIX}{pid}-*"))
+    for d in dirs:
+        shutil.rmtree(d, ignore_errors=True)
+    return len(dirs)
 
 
 class SandboxUnavailable(RuntimeError):
@@ -158,7 +168,7 @@ def run_python(program: str, stdin: str = "", limits: Limits = Limits(), mode: s
                python: str = "") -> Result:
     """Run `program` (Python source) with `stdin`; never raises for anything the program does."""
     python = sandbox_python(python)
-    with tempfile.TemporaryDirectory(prefix="npr-sbx-") as workdir:
+    with tempfile.TemporaryDirectory(prefix=f"{WORKDIR_PREFIX}{os.getpid()}-") as workdir:
         os.chmod(workdir, 0o755)  # readable by the sandbox's unprivileged uid
         prog = Path(workdir, "main.py")
         prog.write_text(program)
