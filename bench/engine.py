@@ -226,9 +226,10 @@ def table(res) -> str:
         h = hf.get(r["batch"], {})
         best = max(h.get("e2e_tok_s", 0), h.get("compiled_tok_s", 0))
         ratio = f"{r['e2e_tok_s'] / best:.1f}x" if best else "-"
+        hc = f"{h['compiled_tok_s']:.0f}" if "compiled_tok_s" in h else "-"
         lines.append(f"| {r['batch']} | {r['e2e_tok_s']:.0f} | {r['decode_tok_s']:.0f} | {r['step_ms']:.2f} | "
                      f"{r['roofline_tok_s']:.0f} | {100 * r['roofline_frac']:.0f}% | {h.get('e2e_tok_s', 0):.0f} | "
-                     f"{h.get('compiled_tok_s', 0):.0f} | {ratio} |")
+                     f"{hc} | {ratio} |")
     lines += ["", "| K branches x L | parallel s | sequential s | speedup |", "|---|---|---|---|"]
     lines += [f"| {f['k']} x {f['branch_len']} | {f['parallel_s']:.2f} | {f['sequential_s']:.2f} | {f['speedup']:.2f}x |"
               for f in res["fork"]]

@@ -9,7 +9,8 @@ Inputs live in static buffers that the caller fills in place, on the device:
     temperature [max_batch] f32      0 = greedy
 A replay leaves the sampled tokens in `tokens[:b]` and their logprobs in `logprobs[:b]`, on the device: the
 decode loop feeds them back with device copies, so one step needs no host synchronisation at all; the
-engine syncs once per step when it reads the tokens for the NPR state machine.
+engine syncs once per step when it reads the tokens for the NPR state machine. With `sample=False` the
+graphs stop at the logits (`run()` returns them) for a sampler that lives outside (per-request seeds).
 """
 from __future__ import annotations
 
@@ -58,7 +59,8 @@ def decode_step(model, ids, pos, k_cache, v_cache, slots, table, lens):
 
 class DecodeGraphs:
     def __init__(self, model, k_cache: torch.Tensor, v_cache: torch.Tensor, max_context: int,
-                 buckets=DEFAULT_BUCKETS, max_batch: int | None = None, compile: bool = False):
+                 buckets=DEFAULT_BUCKETS, max_batch: int | None = None, compile: bool = False,
+                 sample: bool = True):
         dev = k_cache.device
         self.model, self.k, self.v = model, k_cache, v_cache
         # compile: inductor fuses the ~50 small elementwise kernels per layer that dominate small batches
@@ -75,13 +77,16 @@ class DecodeGraphs:
         self.tokens = torch.zeros(n, dtype=torch.long, device=dev)
         self.logprobs = torch.zeros(n, dtype=torch.float32, device=dev)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.sample, self.logits = sample, {}  # bucket -> the graph's own logits output
 
     def _step(self, b: int) -> None:
         logits = self.forward(self.model, self.ids[:b], self.pos[:b], self.k, self.v, self.slots[:b],
                               self.table[:b], self.lens[:b])
-        tok, lp = sample(logits, self.temperature[:b])
-        self.tokens[:b].copy_(tok)
-        self.logprobs[:b].copy_(lp)
+        self.logits[b] = logits
+        if self.sample:
+            tok, lp = sample(logits, self.temperature[:b])
+            self.tokens[:b].copy_(tok)
+            self.logprobs[:b].copy_(lp)
 
     @torch.inference_mode()
     def capture(self) -> None:
@@ -121,3 +126,22 @@ class DecodeGraphs:
             self.lens[n:b].fill_(0)
         self.graphs[b].replay()
         return b
+
+    def run(self, ids: list[int], pos: list[int], contexts: list[list[int]]) -> torch.Tensor:
+        """One decode step from host lists (the engine's path): row i decodes ids[i] at pos[i] over
+        `contexts[i]` (its new token's slot last). Returns logits [n, V] (a view of the graph's output,
+        valid until the next replay). Copies go host -> device once per buffer; nothing syncs."""
+        n = len(ids)
+        width = max(map(len, contexts))
+        if width > self.max_context:
+            raise ValueError(f"context of {width} slots exceeds the graphs' max_context {self.max_context}")
+        table = torch.zeros(n, width, dtype=torch.int32)
+        for i, c in enumerate(contexts):
+            table[i, :len(c)] = torch.as_tensor(c, dtype=torch.int32)
+        rows = torch.tensor([ids, pos, [c[-1] for c in contexts], [len(c) for c in contexts]])
+        self.table[:n, :width].copy_(table, non_blocking=True)
+        self.ids[:n].copy_(rows[0], non_blocking=True)
+        self.pos[:n].copy_(rows[1], non_blocking=True)
+        self.slots[:n].copy_(rows[2], non_blocking=True)
+        self.lens[:n].copy_(rows[3], non_blocking=True)
+        return self.logits[self.replay(n)][:n]

@@ -55,7 +55,7 @@ def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
 def _decode_kernel(q_ptr, kc_ptr, vc_ptr, ptr_ptr, len_ptr, idx_ptr, out_ptr, mo_ptr, ml_ptr,
                    scale_log2, stride_qt, stride_qh, stride_ot, stride_oh, table_stride,
                    KV_ROW: tl.constexpr, GROUP: tl.constexpr, BLOCK_H: tl.constexpr, D: tl.constexpr,
-                   BLOCK_N: tl.constexpr, SPLITS: tl.constexpr, PADDED: tl.constexpr):
+                   BLOCK_N: tl.constexpr, SPLITS: tl.constexpr, PADDED: tl.constexpr, PREC: tl.constexpr):
     row = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -84,14 +84,14 @@ def _decode_kernel(q_ptr, kc_ptr, vc_ptr, ptr_ptr, len_ptr, idx_ptr, out_ptr, mo
         slots = tl.load(idx_ptr + start + offs_n, mask=nmask, other=0).to(tl.int64)
         kv_off = slots[:, None] * KV_ROW + kvh * D + offs_d[None, :]
         k = tl.load(kc_ptr + kv_off, mask=nmask[:, None], other=0.0)
-        qk = tl.dot(q, tl.trans(k)) * scale_log2  # log2 domain: exp2 is one instruction
+        qk = tl.dot(q, tl.trans(k), input_precision=PREC) * scale_log2  # log2 domain: exp2 is one instruction
         qk = tl.where(nmask[None, :], qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         p = tl.math.exp2(qk - m_new[:, None])
         alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(vc_ptr + kv_off, mask=nmask[:, None], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
         m_i = m_new
     nonempty = l_i > 0
     out = acc / tl.where(nonempty, l_i, 1.0)[:, None]  # an empty context gives zeros, never NaN
@@ -168,7 +168,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         q, k_cache, v_cache, ptr, ln, idx, out, mo, ml, math.log2(math.e) / math.sqrt(d),
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), tstride,
         KV_ROW=hkv * d, GROUP=group, BLOCK_H=max(16, triton.next_power_of_2(group)), D=d,
-        BLOCK_N=block_n, SPLITS=splits, PADDED=padded, num_warps=4, num_stages=2)
+        BLOCK_N=block_n, SPLITS=splits, PADDED=padded, num_warps=4, num_stages=2,
+        PREC="ieee" if q.dtype == torch.float32 else "tf32")  # float32 caches (tests): no tf32 rounding
     if splits > 1:
         _merge_kernel[(r, hq)](mo, ml, out, out.stride(0), out.stride(1), D=d, SPLITS=splits,
                                BLOCK_S=triton.next_power_of_2(splits), num_warps=4)
