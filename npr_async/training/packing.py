@@ -111,10 +111,10 @@ class MicroBatch:
     def target_sample(self) -> torch.Tensor:
         return self.sample_index[self.target_index]
 
-    def dense_mask(self) -> torch.Tensor:
-        """bool[T, T] (True = may attend): for SDPA on CPU and `score`. Never built on a GPU path."""
-        seg = self.segment_ids.long()
-        idx = torch.arange(len(seg))
+    def dense_mask(self, start: int = 0, end: int | None = None) -> torch.Tensor:
+        """bool[T, T] (True = may attend) of tokens start..end: for SDPA on CPU. Never built on a GPU path."""
+        seg = self.segment_ids[start:end].long()
+        idx = torch.arange(len(seg), device=seg.device)
         same = (seg[:, None] == seg[None, :]) & (idx[None, :] <= idx[:, None])
         return same | self.ancestors[seg[:, None], seg[None, :]]
 
