@@ -1,0 +1,102 @@
+"""`npr-async sft --config CFG`: Stage 2. Rejection sampling through the engine → a dataset file → parallel SFT.
+
+Data (`learner.sft_data`, or `--data`): a JSONL file of `{id, prompt, answer, completion}` rows; the word
+`synthetic`: the synthetic task's solution traces (the stand-in for self-distilled data when no trained
+model is at hand); empty: rejection-sample `learner.sft_samples_per_problem` responses per problem of
+`data.train` (or the synthetic task) with the model itself, keeping one correct response with format score 0.
+The trained model is written as an HF checkpoint (+ trainer state) to `<run_dir>/sft` or `--out`.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def configure(p) -> None:
+    p.add_argument("--config", default=None, help="YAML config (default: the embedded CPU config)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
+    p.add_argument("--model", default="", help="HF model directory (default: model.path, else a new preset)")
+    p.add_argument("--data", default=None, help="SFT JSONL, `synthetic`, or empty for rejection sampling")
+    p.add_argument("--out", default="", help="output checkpoint directory (default: <run_dir>/sft)")
+    p.add_argument("--device", default="cpu")
+
+
+def problem_rows(cfg) -> list[dict]:
+    from npr_async.task import make_dataset
+
+    if cfg.data.train:
+        from npr_async.data import load_rows
+
+        return load_rows(cfg.data.train)
+    return make_dataset(cfg.data.synthetic_train_size, cfg.data.synthetic_difficulty, cfg.data.seed,
+                        with_traces=True)
+
+
+def sft_rows(cfg, model_dir: str, source: str, run_dir: Path, device: str) -> list[dict]:
+    from npr_async.training.sft import read_jsonl, rejection_sample, write_jsonl
+
+    if source == "synthetic":
+        if cfg.data.train:
+            raise ValueError("learner.sft_data=synthetic needs the synthetic task (data.train empty)")
+        return [{**r, "completion": r.pop("trace")} for r in problem_rows(cfg)]
+    if source:
+        return read_jsonl(source)
+    import torch
+
+    from engine.llm import LLM
+    from engine.sampler import SamplingParams
+    from npr_async.verifiers import get_verifier
+
+    rows = problem_rows(cfg)
+    llm = LLM(model_dir, config=cfg.engine, device=device,
+              dtype=getattr(torch, cfg.model.dtype))
+    s, e = cfg.rollout.sampling, cfg.engine
+    params = SamplingParams(temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
+                            repetition_penalty=s.repetition_penalty,
+                            branch_repetition_penalty=e.branch_repetition_penalty, seed=cfg.controller.seed,
+                            max_total_tokens=e.max_total_tokens, max_path_tokens=e.max_path_tokens,
+                            max_step_tokens=e.max_step_tokens, max_plans=e.max_plans,
+                            parallel=not cfg.learner.sft_sequential_sampling)
+    kept, stats = rejection_sample(llm, rows, cfg.learner.sft_samples_per_problem, params,
+                                   get_verifier(cfg.verifier.default, cfg.verifier), e.max_plans)
+    path = write_jsonl(run_dir / "sft_data.jsonl", kept)
+    print(f"rejection sampling: {json.dumps(stats)} -> {path}")
+    return kept
+
+
+def run(args) -> int:
+    import torch
+
+    from engine.loader import load_model
+    from npr_async.config import load_config
+    from npr_async.tokenizer import load_tokenizer
+    from npr_async.training.sft import train_sft
+
+    cfg = load_config(args.config, args.set)
+    run_dir = Path(cfg.logging.run_dir)
+    model_dir = args.model or cfg.model.path
+    if not model_dir:
+        from npr_async.models import init_model
+
+        model_dir = str(init_model(cfg.model.preset, str(run_dir / "base"), seed=cfg.model.seed))
+    source = cfg.learner.sft_data if args.data is None else args.data
+    rows = sft_rows(cfg, model_dir, source, run_dir, args.device)
+    if not rows:
+        print("npr-async sft: no SFT examples (rejection sampling kept none); nothing to train")
+        return 1
+    tokenizer = load_tokenizer(cfg.tokenizer.path or model_dir)
+    model = load_model(model_dir, torch.float32, args.device)  # fp32 master weights
+    log_path = run_dir / "sft_metrics.jsonl"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with log_path.open("w") as log:
+        def record(m: dict) -> None:
+            log.write(json.dumps(m) + "\n")
+            if m["step"] % 10 == 0:
+                print(f"sft step {m['step']}: loss {m['loss']:.4f} lr {m['lr']:.3g}", flush=True)
+
+        trainer = train_sft(model, tokenizer, rows, cfg.learner, seed=cfg.controller.seed, model_dir=model_dir,
+                            max_depth=cfg.engine.max_depth, log=record)
+    out = Path(args.out or run_dir / "sft")
+    trainer.save(out, tokenizer_dir=cfg.tokenizer.path or model_dir)
+    print(f"npr-async sft: {trainer.step} steps on {len(rows)} examples -> {out}")
+    return 0
