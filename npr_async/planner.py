@@ -118,10 +118,12 @@ def predict(rates: Rates, work: Workload, layout: Layout, gpus_per_node: int = 8
     # the verifiers either keep up (the last wave's verdicts trail the rollouts) or are the bottleneck
     verify_end = max(rollout + active * last_wave / verify, first_done + work.samples / verify)
     first_arrival = first_done + active * first_wave / verify
-    learn = rates.learner_rate(layout.learner_gpus)
-    work_s = work.samples * T / learn
+    # data-parallel learner: each GPU trains whole samples, so work splits no finer than one sample per GPU
+    n_l = layout.learner_gpus
+    per_sample = T * n_l / rates.learner_rate(n_l)
+    work_s = math.ceil(work.samples / n_l) * per_sample
     if work.streaming:
-        learner_end = max(first_arrival + work_s, verify_end + active * last_wave * T / learn)
+        learner_end = max(first_arrival + work_s, verify_end + math.ceil(active * last_wave / n_l) * per_sample)
     else:
         learner_end = verify_end + work_s
     learner_end += rates.optimizer_s
@@ -144,24 +146,24 @@ def verifier_workers_for(nodes: int, cpus_per_node: int, gpu_actors: int, cpus_p
 
 
 def recommend(rates: Rates, work: Workload, total_gpus: int, gpus_per_node: int = 8, cpus_per_node: int = 64,
-              cpus_per_gpu_actor: float = 2.0, cpus_per_verifier: float = 1.0) -> Prediction:
-    """The layout with the shortest predicted step on `total_gpus` GPUs; ties go to fewer GPUs.
+              cpus_per_gpu_actor: float = 2.0, cpus_per_verifier: float = 1.0, slack: float = 0.0) -> Prediction:
+    """The layout with the fewest GPUs whose predicted step is within `slack` (a fraction) of the shortest
+    on `total_gpus` GPUs (slack 0: the shortest; ties go to fewer GPUs).
 
     GPUs may be left unused (a generator beyond the number of prompts, or one more receiver of a slow
-    broadcast, can only cost time), so a larger cluster never predicts a slower step."""
+    broadcast, can only cost time), so a larger cluster never predicts a slower shortest step; with slack
+    the answer is within (1 + slack) of that non-increasing optimum."""
     if total_gpus < 2:
         raise ValueError("a cluster needs at least 2 GPUs: one learner and one rollout generator")
     nodes = math.ceil(total_gpus / gpus_per_node)
-    best: Prediction | None = None
+    found = []
     for n_g in range(1, min(total_gpus - 1, work.prompts_per_step) + 1):
         for n_l in range(1, total_gpus - n_g + 1):
             n_v = verifier_workers_for(nodes, cpus_per_node, n_g + n_l, cpus_per_gpu_actor, cpus_per_verifier)
-            p = predict(rates, work, Layout(n_g, n_l, n_v), gpus_per_node)
-            if best is None or p.step_s < best.step_s * (1 - 1e-9) or (
-                    p.step_s <= best.step_s * (1 + 1e-9) and p.layout.gpus < best.layout.gpus):
-                best = p
-    assert best is not None
-    return best
+            found.append(predict(rates, work, Layout(n_g, n_l, n_v), gpus_per_node))
+    fastest = min(p.step_s for p in found)
+    ok = [p for p in found if p.step_s <= fastest * (1 + slack) * (1 + 1e-9)]
+    return min(ok, key=lambda p: (p.layout.gpus, p.step_s))
 
 
 # --- rates from a bench/e2e.py JSON --------------------------------------------------------------------
@@ -181,7 +183,8 @@ def rates_from_run(doc: dict, run: dict, **overrides) -> Rates:
     kw = dict(gen_tokens_per_s=m["gen_tokens_per_s"], learner_tokens_per_s=m["learner_tokens_per_s"],
               verdicts_per_s=doc["verifier"]["verdicts_per_s_per_worker"],
               tokens_per_sample=m["tokens_per_sample"], model_bytes=sync_bytes,
-              gen_batch=min(c["chunk_samples"], per_gen), sync_bw_intra=bw)
+              gen_batch=min(c["chunk_samples"], per_gen), sync_bw_intra=bw,
+              sync_bw_inter=min(bw, Rates.sync_bw_inter))  # never faster across nodes than measured inside one
     kw.update(overrides)
     return Rates(**kw)
 

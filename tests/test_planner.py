@@ -84,6 +84,8 @@ def test_more_gpus_never_predict_slower(gpus_per_node):
         p = recommend(rates, work, gpus, gpus_per_node=gpus_per_node, cpus_per_node=16)
         assert p.layout.gpus <= gpus
         assert p.step_s <= last * (1 + 1e-12), gpus
+        lean = recommend(rates, work, gpus, gpus_per_node=gpus_per_node, cpus_per_node=16, slack=0.05)
+        assert lean.layout.gpus <= p.layout.gpus and lean.step_s <= p.step_s * 1.05 * (1 + 1e-9)
         last = p.step_s
 
 

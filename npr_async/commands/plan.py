@@ -46,6 +46,8 @@ def configure(p) -> None:
     p.add_argument("--prompts-per-step", type=int, help="target batch (default: the calibration run's)")
     p.add_argument("--samples-per-prompt", type=int)
     p.add_argument("--chunk-samples", type=int)
+    p.add_argument("--slack", type=float, default=0.02,
+                   help="take the fewest GPUs whose predicted step is within this fraction of the fastest")
     p.add_argument("--no-streaming", action="store_true", help="plan for learner.streaming=false")
     p.add_argument("--json", dest="json_out", help="also write everything as JSON here")
 
@@ -106,10 +108,10 @@ def run(args) -> int:
     plans = []
     for n in [int(x) for x in args.gpus.split(",") if x.strip()]:
         p = recommend(rates, work, n, args.gpus_per_node, args.cpus_per_node, args.cpus_per_gpu_actor,
-                      args.cpus_per_verifier)
+                      args.cpus_per_verifier, args.slack)
         plans.append({"gpus": n, **p.to_dict()})
     result["plans"] = plans
-    print_plans(plans, work)
+    print_plans(plans, work, args.slack)
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(result, indent=2))
     return 0
@@ -128,9 +130,10 @@ def print_validation(rows: list[dict], calibrated_from: str) -> None:
     print("(each cell: measured/predicted)")
 
 
-def print_plans(plans: list[dict], work) -> None:
+def print_plans(plans: list[dict], work, slack: float) -> None:
     print(f"\nRecommended layouts ({work.prompts_per_step} prompts × {work.samples_per_prompt} samples, "
-          f"chunks of {work.chunk_samples}, streaming {'on' if work.streaming else 'off'})")
+          f"chunks of {work.chunk_samples}, streaming {'on' if work.streaming else 'off'}; fewest GPUs within "
+          f"{slack * 100:.0f}% of the fastest)")
     print(f"{'GPUs':>5} {'used':>5} {'gen':>4} {'lrn':>4} {'ver':>5} {'nodes':>5} | {'step s':>8} {'rollout':>8} "
           f"{'tail':>7} {'sync':>7} | {'idle lrn':>8} {'idle gen':>8} | bottleneck")
     for p in plans:
