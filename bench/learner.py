@@ -1,0 +1,208 @@
+"""Learner benchmark: tokens/s and MFU of one PAPO step, flex BlockMask vs a dense mask (time, peak memory).
+
+    python3 bench/learner.py --out $OUT/learner.json            # Qwen3-4B shape, 16k tokens, 4-branch trees, GPU
+    python3 bench/learner.py --tiny --out /tmp/learner.json     # CPU smoke run of the same code
+
+A step = streamed accumulation of one group of tree trajectories (prompt, guideline, `--branches` parallel
+steps, takeaway) + gradient scaling, clipping and the AdamW step, with fp32 master weights and bf16 autocast.
+Model FLOPs (for MFU) = 6 · matmul params · tokens + 12 · layers · heads · head_dim · visible (q, k) pairs;
+recomputation under activation checkpointing is not counted. An attention-only forward+backward isolates
+the mask: the same 16k-token layer with the flex BlockMask and with SDPA under a dense boolean mask.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from engine.attention import MaskedAttention  # noqa: E402
+from engine.model import CausalLM, ModelArgs  # noqa: E402
+from npr_async.config import LearnerConfig  # noqa: E402
+from npr_async.messages import Trajectory  # noqa: E402
+from npr_async.training import trainer as trainer_mod  # noqa: E402
+from npr_async.training.packing import collate, Sample  # noqa: E402
+
+PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+
+
+def model_args(tiny: bool) -> ModelArgs:
+    from npr_async.models import PRESETS
+
+    p = dict(PRESETS["tiny" if tiny else "qwen3-4b-shape"])
+    cfg = {"model_type": "qwen3", "vocab_size": p.pop("vocab_size", 448), "num_attention_heads": p.pop("num_attention_heads"),
+           "num_hidden_layers": p.pop("num_hidden_layers"), "rope_theta": p.pop("rope_theta"), **p}
+    return ModelArgs.from_hf_config(cfg)
+
+
+def build_model(args: ModelArgs, device) -> CausalLM:
+    with torch.device("meta"):
+        model = CausalLM(args)
+    model = model.to_empty(device=device).float()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.fill_(1.0) if "norm" in name else p.normal_(0, 0.02)
+    return model
+
+
+def tree_trajectory(n_tokens: int, branches: int, vocab: int, seed: int) -> Trajectory:
+    """prompt | guideline | `branches` sibling steps | takeaway, sized to n_tokens (NPR positions)."""
+    rng = np.random.default_rng(seed)
+    prompt, guide = n_tokens // 16, n_tokens // 16
+    join = n_tokens // 8
+    step = (n_tokens - prompt - guide - join) // branches
+    join = n_tokens - prompt - guide - step * branches
+    trunk = prompt + guide
+    segs = np.concatenate([np.zeros(trunk, np.int32)] + [np.full(step, k + 1, np.int32) for k in range(branches)]
+                          + [np.full(join, branches + 1, np.int32)])
+    pos = np.concatenate([np.arange(trunk)] + [trunk + np.arange(step)] * branches + [trunk + step + np.arange(join)])
+    parents = [[]] + [[0]] * branches + [list(range(branches + 1))]
+    sampled = np.arange(n_tokens) >= prompt
+    return Trajectory.build(token_ids=rng.integers(0, vocab, n_tokens), positions=pos, segment_ids=segs,
+                            parents=parents, logprobs=np.where(sampled, -1.0, np.nan), sampled=sampled,
+                            prompt_len=prompt, finish_reason="stop", prompt_id="bench")
+
+
+def visible_pairs(trajs) -> int:
+    mb = collate([Sample.from_trajectory(t) for t in trajs])
+    return int(sum(int(mb.dense_mask(a, b).sum()) for a, b in mb.bounds))
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def dense_attention(mb, device):  # NPR's way: one dense mask over the whole pack
+    return MaskedAttention(mb.to(device).dense_mask())
+
+
+def papo_step(args, margs, trajs, attn: str, device) -> dict:
+    orig = trainer_mod.attention_for
+    if attn == "dense":
+        trainer_mod.attention_for = dense_attention
+    model = build_model(margs, device)
+    cfg = LearnerConfig(loss="papo", lr=1e-7, micro_batch_tokens=args.tokens,
+                        activation_checkpointing=not args.no_checkpointing,
+                        mixed_precision="bf16" if device.type == "cuda" else "off")
+    tr = trainer_mod.Trainer(model, cfg)
+    rewards = [1.0 if i % 2 == 0 else -1.0 for i in range(len(trajs))]
+    times = []
+    try:
+        for i in range(args.warmup + args.steps):
+            if i == args.warmup and device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            sync(device)
+            t0 = time.perf_counter()
+            tr.accumulate(trajs, rewards)
+            tr.finish_step()
+            sync(device)
+            if i >= args.warmup:
+                times.append(time.perf_counter() - t0)
+        out = {"step_s": float(np.median(times)), "steps": len(times)}
+        if device.type == "cuda":
+            out["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
+    except torch.cuda.OutOfMemoryError as e:
+        out = {"error": f"OOM: {str(e)[:200]}"}
+    finally:
+        trainer_mod.attention_for = orig
+        del tr, model
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return out
+
+
+def attention_only(args, margs, trajs, device) -> dict:
+    """One layer's attention forward+backward at the full pack: flex BlockMask vs SDPA + dense bool mask."""
+    mb = collate([Sample.from_trajectory(t) for t in trajs]).to(device)
+    t, hq, hkv, dh = mb.num_tokens, margs.num_heads, margs.num_kv_heads, margs.head_dim
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    res = {}
+    for name in (["flex", "dense"] if device.type == "cuda" else ["dense"]):
+        try:
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats()
+                base = torch.cuda.memory_allocated()
+            q = torch.randn(t, hq, dh, device=device, dtype=dtype, requires_grad=True)
+            k = torch.randn(t, hkv, dh, device=device, dtype=dtype, requires_grad=True)
+            v = torch.randn(t, hkv, dh, device=device, dtype=dtype, requires_grad=True)
+            times = []
+            for i in range(args.warmup + args.steps):
+                sync(device)
+                t0 = time.perf_counter()
+                if name == "flex":
+                    from npr_async.training.flex import FlexAttention, build_block_mask
+
+                    attn = FlexAttention(build_block_mask(mb.segment_ids, mb.ancestors))
+                else:
+                    attn = MaskedAttention(mb.dense_mask())
+                attn(0, q, k, v).float().sum().backward()
+                sync(device)
+                if i >= args.warmup:
+                    times.append(time.perf_counter() - t0)
+            res[name] = {"fwd_bwd_s": float(np.median(times))}
+            if device.type == "cuda":
+                res[name]["peak_mem_gb"] = (torch.cuda.max_memory_allocated() - base) / 2**30
+            del q, k, v
+        except torch.cuda.OutOfMemoryError as e:
+            res[name] = {"error": f"OOM: {str(e)[:200]}"}
+    if "flex" in res and "dense" in res and "error" not in res["flex"] and "error" not in res["dense"]:
+        res["dense_over_flex_time"] = res["dense"]["fwd_bwd_s"] / res["flex"]["fwd_bwd_s"]
+        res["dense_over_flex_mem"] = res["dense"]["peak_mem_gb"] / max(res["flex"]["peak_mem_gb"], 1e-9)
+    return res
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--tiny", action="store_true", help="tiny model, 1k tokens, CPU (smoke run)")
+    ap.add_argument("--tokens", type=int, default=16384, help="tokens per step (one micro-batch)")
+    ap.add_argument("--traj-tokens", type=int, default=8192, help="tokens per trajectory")
+    ap.add_argument("--branches", type=int, default=4)
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--attn", default="flex,dense", help="step variants: flex,dense")
+    ap.add_argument("--no-checkpointing", action="store_true")
+    ap.add_argument("--peak-tflops", type=float, default=0.0, help="bf16 peak (default: from the GPU name)")
+    args = ap.parse_args()
+    if args.tiny:
+        args.tokens, args.traj_tokens, args.steps, args.warmup = 1024, 512, 2, 1
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
+    margs = model_args(args.tiny)
+    trajs = [tree_trajectory(args.traj_tokens, args.branches, margs.vocab_size, s)
+             for s in range(args.tokens // args.traj_tokens)]
+    tokens = sum(len(t) for t in trajs)
+    matmul_params = margs.num_layers * (margs.hidden_size * margs.head_dim * (2 * margs.num_heads + 2 * margs.num_kv_heads)
+                                        + 3 * margs.hidden_size * margs.intermediate_size) + margs.hidden_size * margs.vocab_size
+    pairs = visible_pairs(trajs)
+    flops = 6 * matmul_params * tokens + 12 * margs.num_layers * margs.num_heads * margs.head_dim * pairs
+    gpu = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+    peak = args.peak_tflops * 1e12 or next((v for k, v in PEAK_BF16.items() if k in gpu), 0.0)
+    result = {"device": gpu, "torch": torch.__version__, "tokens": tokens, "trajectories": len(trajs),
+              "branches": args.branches, "model_flops_per_step": flops, "visible_pairs": pairs,
+              "activation_checkpointing": not args.no_checkpointing, "steps": {}}
+    variants = [a for a in args.attn.split(",") if a] if device.type == "cuda" else ["cpu", "dense"]
+    for attn in variants:
+        r = papo_step(args, margs, trajs, attn, device)
+        if "step_s" in r:
+            r["tokens_per_s"] = tokens / r["step_s"]
+            if peak:
+                r["mfu"] = flops / r["step_s"] / peak
+        result["steps"][attn] = r
+        print(attn, json.dumps(r), flush=True)
+    result["attention_only"] = attention_only(args, margs, trajs, device)
+    print("attention_only", json.dumps(result["attention_only"]), flush=True)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
