@@ -178,7 +178,8 @@ def summarise(steps: list[dict]) -> dict:
                                 "learner_s", "learner_tail_s", "verify_cpu_s", "tokens_per_s")}
     out.update(gen_tokens_per_s=gen_tok / gen_s, learner_tokens_per_s=tokens / sum(s["learner_compute_s"] for s in steps),
                tokens_per_sample=tokens / max(sum(s["samples"] or 0 for s in steps), 1),
-               learner_idle=mean("idle_frac_learner"), rollout_idle=mean("idle_frac_rollout_max"),
+               learner_idle=mean("idle_frac_learner"), rollout_idle=mean("idle_frac_rollout_min"),  # busiest
+               rollout_idle_max=mean("idle_frac_rollout_max"),
                parallel_trigger_rate=mean("parallel_trigger_rate"), branches_per_fork=mean("branches_per_fork"))
     return out
 
@@ -188,12 +189,10 @@ def run_config(args, base_overrides: list[str], n_gen: int, streaming: bool, mod
     from npr_async.config import load_config
     from npr_async.controller import Cluster, run_step, step_prompts
 
-    cfg = load_config(args.config, base_overrides + [f"rollout.num_workers={n_gen}",
-                                                     f"learner.streaming={'true' if streaming else 'false'}"])
-    if args.scaling == "weak":
-        cfg = load_config(args.config, base_overrides + [
-            f"rollout.num_workers={n_gen}", f"learner.streaming={'true' if streaming else 'false'}",
-            f"rollout.prompts_per_step={cfg.rollout.prompts_per_step * n_gen}"])
+    over = base_overrides + [f"rollout.num_workers={n_gen}", f"learner.streaming={'true' if streaming else 'false'}"]
+    cfg = load_config(args.config, over)
+    if args.scaling == "weak":  # the same work per generator
+        cfg = load_config(args.config, over + [f"rollout.prompts_per_step={cfg.rollout.prompts_per_step * n_gen}"])
     label = f"gen={n_gen},stream={'on' if streaming else 'off'}"
     t0 = time.perf_counter()
     cluster = Cluster(cfg, model_dir, rows)
@@ -212,7 +211,8 @@ def run_config(args, base_overrides: list[str], n_gen: int, streaming: bool, mod
             rec = step_record(step, m, list(refs), verifier["verdicts_per_s"])
             rec["warmup"] = step < args.warmup
             gen_idle = [v for k, v in rec["idle_frac"].items() if k != "learner"]
-            rec["idle_frac_learner"], rec["idle_frac_rollout_max"] = rec["idle_frac"]["learner"], max(gen_idle)
+            rec["idle_frac_learner"] = rec["idle_frac"]["learner"]
+            rec["idle_frac_rollout_min"], rec["idle_frac_rollout_max"] = min(gen_idle), max(gen_idle)
             steps.append(rec)
             print(f"  {label} step {step}{' (warmup)' if rec['warmup'] else ''}: step {rec['step_s']:.2f}s "
                   f"rollout {rec['rollout_s']:.2f}s tail {rec['learner_tail_s']:.2f}s "
@@ -240,7 +240,7 @@ def print_table(runs: list[dict]) -> None:
         print(f"{run['label']:<20} {m['step_s']:7.2f} {m['rollout_s']:8.2f} {m['verify_cpu_s']:8.2f} "
               f"{m['learner_wait_s']:7.2f} {m['learner_compute_s']:7.2f} {m['learner_tail_s']:7.2f} "
               f"{m['weight_sync_s']:6.3f} {m['tokens_per_s']:8.0f} {m['gen_tokens_per_s']:9.0f} "
-              f"{m['learner_idle'] * 100:7.0f}% {m['rollout_idle'] * 100:7.0f}%")
+              f"{m['learner_idle'] * 100:7.0f}% {m['rollout_idle_max'] * 100:7.0f}%")
     print("(means over the timed steps; verify* = the step's verdicts at the pool's measured rate, CPU seconds;\n"
           " idle gen = the most idle generator; l.tail = learner time after the last rollout finished)")
 

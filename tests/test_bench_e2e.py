@@ -28,8 +28,9 @@ def test_summary_rates():
               "learner_s": 1.9, "learner_tail_s": 0.4, "verify_cpu_s": 0.1, "tokens_per_s": 1000.0,
               "rollout_tokens": 1500, "samples": 10, "gen_s": {"rollout-0": 1.5, "rollout-1": 1.0},
               "gen_tokens": {"rollout-0": 900, "rollout-1": 600}, "idle_frac_learner": 0.5,
-              "idle_frac_rollout_max": 0.5, "parallel_trigger_rate": 1.0, "branches_per_fork": 3.0}]
+              "idle_frac_rollout_min": 0.25, "idle_frac_rollout_max": 0.5, "parallel_trigger_rate": 1.0, "branches_per_fork": 3.0}]
     m = e2e.summarise(steps)
     assert m["gen_tokens_per_s"] == pytest.approx(1500 / 2.5)
     assert m["learner_tokens_per_s"] == pytest.approx(1500.0)
     assert m["tokens_per_sample"] == pytest.approx(150.0)
+    assert (m["rollout_idle"], m["rollout_idle_max"]) == (0.25, 0.5)  # busiest generator (the planner's), most idle
