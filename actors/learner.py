@@ -58,7 +58,8 @@ class Learner:
     def broadcast(self) -> dict:
         t0 = time.perf_counter()
         version = self.version()
-        self.weights.send(dict(self.trainer.named_weights()), version)
+        dtype = getattr(torch, self.cfg.model.dtype)  # the generators' dtype; the learner keeps fp32 masters
+        self.weights.send({k: v.to(dtype) for k, v in self.trainer.named_weights()}, version)
         return {"version": version, "seconds": time.perf_counter() - t0}
 
     # training -------------------------------------------------------------------------------------

@@ -29,7 +29,7 @@ class RolloutGenerator:
         self.cfg = config if isinstance(config, Config) else msgspec.convert(config, Config)
         self.name, self.device = name, device
         torch.set_num_threads(max(1, int(self.cfg.rollout.num_cpus_per_worker)) if device == "cpu" else 1)
-        self.llm = LLM(model_dir, config=self.cfg.engine, device=device)
+        self.llm = LLM(model_dir, config=self.cfg.engine, device=device, dtype=getattr(torch, self.cfg.model.dtype))
         self.sender = None
         self.weights = None
 
@@ -82,7 +82,8 @@ class RolloutGenerator:
         sent = tokens = 0
         for start in range(0, len(work), chunk):
             part = work[start:start + chunk]
-            prompts = [p.ids().tolist() if p.token_ids else format_prompt(self.llm.tokenizer, p.text)
+            prefix = self.cfg.rollout.response_prefix
+            prompts = [p.ids().tolist() if p.token_ids else format_prompt(self.llm.tokenizer, p.text) + prefix
                        for p, _ in part]
             params = [msgspec.structs.replace(base, seed=sample_seed(self.cfg.controller.seed, request.step,
                                                                      p.prompt_id, i)) for p, i in part]

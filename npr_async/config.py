@@ -27,7 +27,7 @@ class Section(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
 class ModelConfig(Section):
     path: str = ""  # HF directory (config.json + safetensors); empty: build `preset` into the run dir
-    preset: Literal["tiny", "small", "qwen3-4b-shape"] = "tiny"
+    preset: Literal["tiny", "small", "qwen3-0.6b-shape", "qwen3-4b-shape"] = "tiny"
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     seed: int = 0
 
@@ -75,6 +75,7 @@ class RolloutConfig(Section):
     prompts_per_step: Pos = 16
     samples_per_prompt: Pos = 16
     chunk_samples: Pos = 64  # samples per engine call: finished chunks stream to the verifiers meanwhile
+    response_prefix: str = ""  # appended after the chat template, e.g. a guideline that forces a fork (benchmarks)
     sampling: SamplingConfig = msgspec.field(default_factory=SamplingConfig)
     eval_sampling: SamplingConfig = msgspec.field(
         default_factory=lambda: SamplingConfig(temperature=1.0, top_p=0.7))
@@ -126,7 +127,7 @@ class LearnerConfig(Section):
     sft_batch_size: Pos = 16
     sft_schedule: Literal["constant", "cosine"] = "cosine"
     sft_warmup_ratio: Frac = 0.05
-    sft_data: str = ""  # JSONL of {id, prompt, completion}; empty: rejection-sample it (or synthetic traces)
+    sft_data: str = ""  # JSONL of {id, prompt, answer, completion}; empty: synthetic traces, else rejection sampling
     sft_samples_per_problem: Pos = 8  # rejection sampling: k samples per problem, keep one correct + format 0
     sft_sequential_sampling: bool = True  # NPR samples Stage 2 data with sequential decoding
 

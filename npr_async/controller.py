@@ -170,6 +170,8 @@ def run_step(cluster: Cluster, step: int, rows: list[dict], on_dispatch=None) ->
     metrics.update(version=version, weight_sync_s=sync_s, rollout_s=rollout_s,
                    step_s=time.perf_counter() - t0 + sync_s, rollout_tokens=tokens,
                    tokens_per_s=tokens / max(rollout_s, 1e-9), rollout_restarts=restarts,
+                   rollout_actor_s=max((r.seconds for r in reports), default=0.0),
+                   rollout_actor_min_s=min((r.seconds for r in reports), default=0.0),
                    stale_dropped=stats["stale_dropped"], duplicates=stats["duplicates"],
                    transport_lost=stats["transport_lost"])
     return metrics

@@ -19,6 +19,11 @@ PRESETS: dict[str, dict] = {
     "small": dict(hidden_size=512, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=4,
                   head_dim=64, intermediate_size=1536, max_position_embeddings=8192, rope_theta=10000.0,
                   rms_norm_eps=1e-6, tie_word_embeddings=True),
+    # Qwen3-0.6B (config.json of Qwen/Qwen3-0.6B): the multi-GPU end-to-end benchmark's shape
+    "qwen3-0.6b-shape": dict(hidden_size=1024, num_hidden_layers=28, num_attention_heads=16,
+                             num_key_value_heads=8, head_dim=128, intermediate_size=3072,
+                             max_position_embeddings=40960, rope_theta=1_000_000.0, rms_norm_eps=1e-6,
+                             tie_word_embeddings=True, vocab_size=151936),
     # Qwen3-4B (config.json of Qwen/Qwen3-4B)
     "qwen3-4b-shape": dict(hidden_size=2560, num_hidden_layers=36, num_attention_heads=32,
                            num_key_value_heads=8, head_dim=128, intermediate_size=9728,

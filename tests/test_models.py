@@ -89,4 +89,11 @@ def test_bad_inputs(tmp_path):
         init_model("tiny", str(tmp_path / "x"), tokenizer_path=str(tmp_path / "missing"))
     with pytest.raises(SystemExit):
         main(["init-model", "--preset", "huge", "--out", str(tmp_path / "x")])
-    assert set(PRESETS) == {"tiny", "small", "qwen3-4b-shape"}
+    assert set(PRESETS) == {"tiny", "small", "qwen3-0.6b-shape", "qwen3-4b-shape"}
+
+
+def test_qwen3_06b_shape_config_only():
+    c = model_config("qwen3-0.6b-shape", load_tokenizer())
+    assert (c.hidden_size, c.num_hidden_layers, c.num_attention_heads, c.num_key_value_heads, c.head_dim,
+            c.intermediate_size, c.vocab_size) == (1024, 28, 16, 8, 128, 3072, 151936)
+    assert 0.55e9 <= count_parameters(c) <= 0.65e9  # Qwen3-0.6B: 0.6B parameters (0.44B without embeddings)
