@@ -18,6 +18,24 @@ from npr_async.config import Config, dump_yaml
 from npr_async.metrics import MetricsLogger, Progress, plot_curves
 
 
+def driver_device(cfg: Config) -> str:
+    """Where the driver's own engine runs (rejection sampling, held-out eval): a GPU when the run uses GPUs."""
+    import torch
+
+    wants_gpu = cfg.learner.num_gpus > 0 or cfg.rollout.num_gpus_per_worker > 0
+    return "cuda" if wants_gpu and torch.cuda.is_available() else "cpu"
+
+
+def _driver_llm(cfg: Config, model_dir: str):
+    import torch
+
+    from engine.llm import LLM
+
+    device = driver_device(cfg)
+    dtype = getattr(torch, cfg.model.dtype) if device == "cuda" else torch.float32
+    return LLM(model_dir, config=cfg.engine, device=device, dtype=dtype)
+
+
 def prepare_model(cfg: Config, run_dir: Path) -> str:
     if cfg.model.path:
         if not (Path(cfg.model.path) / "config.json").is_file():
@@ -57,12 +75,11 @@ def sft_rows(cfg: Config, model_dir: str, train: list[dict]) -> list[dict]:
     if all("trace" in r for r in train):
         return [{"id": r["id"], "prompt": r["prompt"], "answer": r["answer"], "completion": r["trace"]}
                 for r in train]
-    from engine.llm import LLM
     from engine.sampler import SamplingParams
     from npr_async.training.sft import rejection_sample
     from npr_async.verifiers import get_verifier
 
-    llm = LLM(model_dir, config=cfg.engine)
+    llm = _driver_llm(cfg, model_dir)
     params = SamplingParams.from_config(cfg.engine, cfg.rollout.sampling, seed=cfg.controller.seed,
                                         parallel=not cfg.learner.sft_sequential_sampling)
     kept, _ = rejection_sample(llm, train, cfg.learner.sft_samples_per_problem, params,
@@ -79,7 +96,7 @@ def run_sft(cfg: Config, model_dir: str, train: list[dict], out_dir: Path, logge
 
     rows = sft_rows(cfg, model_dir, train)
     torch.manual_seed(cfg.controller.seed)
-    model = load_model(model_dir, torch.float32, "cuda" if cfg.learner.num_gpus > 0 else "cpu")
+    model = load_model(model_dir, torch.float32, driver_device(cfg))
     tokenizer = load_tokenizer(model_dir)
     total = cfg.learner.sft_epochs * -(-len(rows) // cfg.learner.sft_batch_size)
     with Progress(total, "Stage 2 SFT", cfg.logging.progress) as bar:
@@ -94,11 +111,10 @@ def run_sft(cfg: Config, model_dir: str, train: list[dict], out_dir: Path, logge
 
 
 def heldout_eval(cfg: Config, model_dir: str, rows: list[dict]) -> dict:
-    from engine.llm import LLM
     from engine.sampler import SamplingParams
     from npr_async.evaluation import evaluate
 
-    llm = LLM(model_dir, config=cfg.engine)
+    llm = _driver_llm(cfg, model_dir)
     params = SamplingParams.from_config(cfg.engine, cfg.rollout.eval_sampling, seed=cfg.controller.seed + 7)
     res = evaluate(llm, rows, k=cfg.controller.eval_k, sampling=params, verifier=cfg.verifier.default,
                    verifier_config=cfg.verifier)
