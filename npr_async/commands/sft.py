@@ -1,8 +1,8 @@
 """`npr-async sft --config CFG`: Stage 2. Rejection sampling through the engine → a dataset file → parallel SFT.
 
-Data (`learner.sft_data`, or `--data`): a JSONL file of `{id, prompt, answer, completion}` rows; the word
-`synthetic`: the synthetic task's solution traces (the stand-in for self-distilled data when no trained
-model is at hand); empty: rejection-sample `learner.sft_samples_per_problem` responses per problem of
+Data (`--data`, else `learner.sft_data`): a JSONL file of `{id, prompt, answer, completion}` rows; with none
+and the synthetic task (`data.train` empty): its solution traces (the stand-in for self-distilled data when
+no trained model is at hand); otherwise rejection-sample `learner.sft_samples_per_problem` responses per problem of
 `data.train` (or the synthetic task) with the model itself, keeping one correct response with format score 0.
 The trained model is written as an HF checkpoint (+ trainer state) to `<run_dir>/sft` or `--out`.
 """
@@ -16,7 +16,7 @@ def configure(p) -> None:
     p.add_argument("--config", default=None, help="YAML config (default: the embedded CPU config)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
     p.add_argument("--model", default="", help="HF model directory (default: model.path, else a new preset)")
-    p.add_argument("--data", default=None, help="SFT JSONL, `synthetic`, or empty for rejection sampling")
+    p.add_argument("--data", default=None, help="SFT JSONL (default: learner.sft_data, else traces / rejection sampling)")
     p.add_argument("--out", default="", help="output checkpoint directory (default: <run_dir>/sft)")
     p.add_argument("--device", default="cpu")
 
@@ -33,32 +33,25 @@ def problem_rows(cfg) -> list[dict]:
 
 
 def sft_rows(cfg, model_dir: str, source: str, run_dir: Path, device: str) -> list[dict]:
+    """A JSONL file if given; else the synthetic task's traces; else rejection sampling through the engine."""
     from npr_async.training.sft import read_jsonl, rejection_sample, write_jsonl
 
-    if source == "synthetic":
-        if cfg.data.train:
-            raise ValueError("learner.sft_data=synthetic needs the synthetic task (data.train empty)")
-        return [{**r, "completion": r.pop("trace")} for r in problem_rows(cfg)]
     if source:
         return read_jsonl(source)
+    rows = problem_rows(cfg)
+    if all("trace" in r for r in rows):
+        return [{"id": r["id"], "prompt": r["prompt"], "answer": r["answer"], "completion": r["trace"]} for r in rows]
     import torch
 
     from engine.llm import LLM
     from engine.sampler import SamplingParams
     from npr_async.verifiers import get_verifier
 
-    rows = problem_rows(cfg)
-    llm = LLM(model_dir, config=cfg.engine, device=device,
-              dtype=getattr(torch, cfg.model.dtype))
-    s, e = cfg.rollout.sampling, cfg.engine
-    params = SamplingParams(temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
-                            repetition_penalty=s.repetition_penalty,
-                            branch_repetition_penalty=e.branch_repetition_penalty, seed=cfg.controller.seed,
-                            max_total_tokens=e.max_total_tokens, max_path_tokens=e.max_path_tokens,
-                            max_step_tokens=e.max_step_tokens, max_plans=e.max_plans,
-                            parallel=not cfg.learner.sft_sequential_sampling)
+    llm = LLM(model_dir, config=cfg.engine, device=device, dtype=getattr(torch, cfg.model.dtype))
+    params = SamplingParams.from_config(cfg.engine, cfg.rollout.sampling, seed=cfg.controller.seed,
+                                        parallel=not cfg.learner.sft_sequential_sampling)
     kept, stats = rejection_sample(llm, rows, cfg.learner.sft_samples_per_problem, params,
-                                   get_verifier(cfg.verifier.default, cfg.verifier), e.max_plans)
+                                   get_verifier(cfg.verifier.default, cfg.verifier))
     path = write_jsonl(run_dir / "sft_data.jsonl", kept)
     print(f"rejection sampling: {json.dumps(stats)} -> {path}")
     return kept

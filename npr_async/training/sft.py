@@ -66,7 +66,7 @@ def train_sft(model, tokenizer, rows: list[dict], cfg, *, seed: int = 0, model_d
     return trainer
 
 
-def rejection_sample(llm, rows: list[dict], k: int, params, verifier, max_plans: int = 5) -> tuple[list[dict], dict]:
+def rejection_sample(llm, rows: list[dict], k: int, params, verifier) -> tuple[list[dict], dict]:
     """k samples per problem through the engine; keep the first that is correct with format score 0.
 
     Returns (kept rows `{id, prompt, answer, completion}`, stats)."""
