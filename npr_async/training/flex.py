@@ -15,8 +15,9 @@ _compiled = None
 
 def _flex():
     global _compiled
-    if _compiled is None:  # compiled once per process: the eager flex path materialises scores
-        _compiled = torch.compile(flex_attention, dynamic=True)
+    if _compiled is None:  # compiled once per process: the eager flex path materialises scores.
+        # Default (automatic) dynamic shapes: the second distinct micro-batch length compiles a dynamic kernel.
+        _compiled = torch.compile(flex_attention)
     return _compiled
 
 
