@@ -104,11 +104,13 @@ class Learner:
         return metrics
 
     def _group(self, group) -> tuple[list, list[float]]:
-        """A group's trajectories and rewards; the verifier's format flag feeds the structural filter."""
+        """A group's trajectories and rewards. Under the `filter` rule (Stage 3) the verifier's format flag
+        feeds the structural filter; under `stage1` the format penalty is already in the reward."""
+        filtering = self.cfg.verifier.format_reward == "filter"
         trajs = []
         for item in group:
             traj = item.trajectory
-            if not item.format_ok and traj.finish_reason == "stop":
+            if filtering and not item.format_ok and traj.finish_reason == "stop":
                 traj = msgspec.structs.replace(traj, finish_reason="format_error")
             trajs.append(traj)
         return trajs, [item.reward for item in group]
