@@ -71,7 +71,11 @@ def _check_all(rows_with_where) -> list[dict]:
     return out
 
 
-def _read_jsonl(path: Path):
+def iter_jsonl(path: str | os.PathLike):
+    """(value, "file:line") for each non-blank line of a JSONL file; bad JSON raises DatasetError there."""
+    path = Path(path)
+    if not path.is_file():
+        raise DatasetError(f"file not found: {path}")
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
@@ -81,6 +85,18 @@ def _read_jsonl(path: Path):
             except json.JSONDecodeError as e:
                 raise DatasetError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
             yield row, f"{path}:{lineno}"
+
+
+def read_jsonl(path: str | os.PathLike) -> list:
+    """Every value of a JSONL file, unchecked (trajectories, metrics, SFT rows)."""
+    return [row for row, _ in iter_jsonl(path)]
+
+
+def write_jsonl(path: str | os.PathLike, rows) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
 
 
 def _read_parquet(path: Path):
@@ -100,7 +116,7 @@ def load_rows(path: str | os.PathLike) -> list[dict]:
     if not path.is_file():
         raise DatasetError(f"dataset file not found: {path}")
     if path.suffix == ".jsonl":
-        rows = _check_all(_read_jsonl(path))
+        rows = _check_all(iter_jsonl(path))
     elif path.suffix == ".parquet":
         rows = _check_all(_read_parquet(path))
     else:

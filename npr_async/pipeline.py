@@ -68,7 +68,7 @@ def prepare_data(cfg: Config) -> tuple[list[dict], list[dict]]:
 
 def sft_rows(cfg: Config, model_dir: str, train: list[dict]) -> list[dict]:
     """Stage 2 data: a file, the synthetic task's correct traces, or rejection sampling through the engine."""
-    from npr_async.training.sft import read_jsonl
+    from npr_async.data import read_jsonl
 
     if cfg.learner.sft_data:
         return read_jsonl(cfg.learner.sft_data)

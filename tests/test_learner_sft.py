@@ -17,7 +17,8 @@ from npr_async.models import init_model
 from npr_async.tags import TagIds
 from npr_async.task import make_dataset
 from npr_async.tokenizer import format_prompt, load_tokenizer
-from npr_async.training.sft import read_jsonl, rejection_sample, sft_sample, train_sft, write_jsonl
+from npr_async.data import read_jsonl, write_jsonl
+from npr_async.training.sft import rejection_sample, sft_sample, train_sft
 from npr_async.verifiers import get_verifier
 
 

@@ -35,17 +35,15 @@ def configure(p) -> None:
 def read_prompts(path: str) -> tuple[list, list[str]]:
     """(prompts, ids) from a JSONL file; a bad row raises ConfigError naming file:line."""
     prompts, ids = [], []
-    p = Path(path)
-    if not p.is_file():
+    from npr_async.data import DatasetError, iter_jsonl
+
+    if not Path(path).is_file():
         raise ConfigError(f"prompts file not found: {path}")
-    for n, line in enumerate(p.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        where = f"{path}:{n}"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{where}: not valid JSON ({e})") from None
+    try:
+        rows = list(iter_jsonl(path))
+    except DatasetError as e:
+        raise ConfigError(str(e)) from None
+    for row, where in rows:
         if not isinstance(row, dict) or ("prompt" in row) == ("prompt_ids" in row):
             raise ConfigError(f"{where}: expected an object with exactly one of \"prompt\" or \"prompt_ids\"")
         if "prompt" in row:

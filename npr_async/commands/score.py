@@ -6,7 +6,6 @@ generated token, sampled or forced, scored at its predecessor in the token tree;
 """
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -28,14 +27,12 @@ def read_rows(path: str) -> list[dict]:
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"trajectories file not found: {path}")
-    rows = []
-    for n, line in enumerate(p.read_text().splitlines(), 1):
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise ConfigError(f"{path}:{n}: not valid JSON ({e})") from None
-    return rows
+    from npr_async.data import DatasetError, read_jsonl
+
+    try:
+        return read_jsonl(p)
+    except DatasetError as e:
+        raise ConfigError(str(e)) from None
 
 
 def score_rows(model, rows: list[dict], max_tokens: int = 8192, device=None) -> list[dict]:
@@ -71,7 +68,9 @@ def run(args) -> int:
     model = load_model(args.model, getattr(torch, args.dtype), args.device).eval()
     scored = score_rows(model, rows, args.max_tokens, args.device)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text("".join(json.dumps(r) + "\n" for r in scored))
+    from npr_async.data import write_jsonl
+
+    write_jsonl(args.out, scored)
     diffs = [r["logprob_max_abs_diff"] for r in scored if r["logprob_max_abs_diff"] is not None]
     print(f"scored {len(scored)} trajectories -> {args.out}; max |learner - engine| over sampled tokens: "
           f"{max(diffs) if diffs else float('nan'):.3g}")

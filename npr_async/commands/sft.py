@@ -34,7 +34,8 @@ def problem_rows(cfg) -> list[dict]:
 
 def sft_rows(cfg, model_dir: str, source: str, run_dir: Path, device: str) -> list[dict]:
     """A JSONL file if given; else the synthetic task's traces; else rejection sampling through the engine."""
-    from npr_async.training.sft import read_jsonl, rejection_sample, write_jsonl
+    from npr_async.data import read_jsonl, write_jsonl
+    from npr_async.training.sft import rejection_sample
 
     if source:
         return read_jsonl(source)

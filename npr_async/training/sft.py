@@ -6,7 +6,6 @@ training either. The loss is completion-only cross-entropy (the prompt is never 
 """
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Callable
@@ -92,21 +91,3 @@ def rejection_sample(llm, rows: list[dict], k: int, params, verifier) -> tuple[l
             kept.append({"id": row["id"], "prompt": row["prompt"], "answer": row["answer"], "completion": chosen})
     stats["kept"] = len(kept)
     return kept, stats
-
-
-def write_jsonl(path: str | Path, rows: list[dict]) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
-
-
-def read_jsonl(path: str | Path) -> list[dict]:
-    rows = []
-    for n, line in enumerate(Path(path).read_text().splitlines(), 1):
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{n}: not JSON: {e}") from None
-    return rows
