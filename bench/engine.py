@@ -6,11 +6,15 @@ One run reports, side by side on the same GPU:
   b. the same workload through HF transformers `generate` with a static cache -> our/HF ratio;
   c. NPR fork speedup: K branches of L tokens forked from one prompt vs K*L tokens in one sequence;
   d. peak GPU memory and the KV pool's capacity in tokens.
-"Ours" is the engine's decode path driven directly: model forward + Triton slot attention + fused KV write +
-CUDA graphs + GPU sampling, rows reading a slot table (branch rows repeat the prompt's slots: a fork shares
-the trunk's KV, nothing copied). Prefill goes through SDPA.
+"Ours" is the engine's decode path driven directly: model forward (q/k/v and gate/up fused into single GEMMs
+unless --fuse 0) + Triton slot attention + fused KV write + CUDA graphs + GPU sampling, rows reading a slot
+table (branch rows repeat the prompt's slots: a fork shares the trunk's KV, nothing copied). Prefill goes
+through SDPA.
+  e. (--llm) the full `engine.LLM` loop (scheduler, NPR state machine, per-request sampler, CUDA graphs for
+     decode-only steps) on forced-fork prompts ending in `</guideline>` with K plans, vs the direct path on
+     the same rows x branch length.
 
-    python bench/engine.py [--batches 1,16,64,256] [--hf-compile 1] [--out DIR]
+    python bench/engine.py [--batches 1,16,64,256] [--hf-compile 1] [--llm 1x4,16x4] [--out DIR]
 """
 from __future__ import annotations
 
@@ -123,7 +127,8 @@ def bench_ours(model, args, res):
     v_cache = torch.empty(shape, dtype=torch.bfloat16, device="cuda")
     res["kv_capacity_tokens"] = slots
     res["kv_pool_gib"] = round(2 * k_cache.numel() * 2 / 2**30, 2)
-    g = DecodeGraphs(model, k_cache, v_cache, max_ctx, buckets=sorted(set(batches + ks)), compile=bool(args.compile))
+    rows = sorted(set(batches + ks + [r * k for r, k in llm_cases(args)]))
+    g = DecodeGraphs(model, k_cache, v_cache, max_ctx, buckets=rows, compile=bool(args.compile))
     res["compiled_decode"] = bool(args.compile)
     res["graph_capture_s"] = round(timed(lambda: g.capture()), 2)
     run = Runner(model, g, torch.randperm(slots, device="cuda"))  # scattered slots, as in a live pool
@@ -157,9 +162,65 @@ def bench_ours(model, args, res):
                           speedup=t_seq / t_par))
         print(f"fork k={k}: {forks[-1]}", flush=True)
     res["fork"] = forks
+    direct = []
+    for r, k in llm_cases(args):  # the direct path on the shapes the LLM loop runs below
+        prompts = torch.randint(0, V, (r, args.prompt), device="cuda")
+        t = timed(lambda: run.generate(prompts, k, args.branch_len, 1.0))
+        direct.append(dict(requests=r, k=k, rows=r * k, tokens=r * k * args.branch_len, s=t,
+                           tok_s=r * k * args.branch_len / t))
+        print(f"direct {r}x{k}: {direct[-1]}", flush=True)
+    res["llm_direct"] = direct
     res["peak_gib_ours"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
     del g, run, k_cache, v_cache
     torch.cuda.empty_cache()
+
+
+def llm_cases(args) -> list[tuple[int, int]]:
+    """--llm "1x4,16x4" -> [(requests, K plans), ...]"""
+    return [tuple(int(x) for x in c.split("x")) for c in args.llm.split(",") if c]
+
+
+def bench_llm(model, args, res, save=lambda: None):
+    """The full engine loop: R requests, each a prompt of --prompt tokens ending in a guideline of K plans,
+    so every request forks at once into K steps of up to --branch-len tokens (max_step_tokens), joins, and
+    writes a short takeaway until its budget ends. Tokens/s = generated tokens (headers and forced tags
+    included) / wall clock, prefill included; with CUDA graphs and, for comparison, eager decode steps."""
+    from engine.llm import LLM
+    from engine.sampler import SamplingParams
+    from npr_async.config import EngineConfig
+    from npr_async.tokenizer import load_tokenizer
+
+    tok = load_tokenizer()  # the bundled NPR tokenizer: its tag ids are < 417 < the model's vocab
+    enc = lambda s: tok.encode(s, add_special_tokens=False)  # noqa: E731
+    L, takeaway = args.branch_len, 64
+    out = []
+    for graphs in (True, False):
+        llm = LLM(model, tok, EngineConfig(kv_slots=args.llm_slots, max_batch_tokens=8192, max_plans=16,
+                                           attention_backend="triton", cuda_graphs=graphs), device="cuda",
+                  compile_graphs=bool(args.compile))
+        warm = SamplingParams(temperature=1.0, seed=0, max_total_tokens=40, max_path_tokens=40,
+                              max_step_tokens=8, max_plans=16)
+        t_warm = timed(lambda: llm.generate([enc("<guideline><plan>1: a</plan><plan>2: b</plan></guideline>")] * 2,
+                                            warm))  # graph capture (graphs on) and Triton warm-up
+        for r, k in llm_cases(args):
+            g = enc("<guideline>" + "".join(f"<plan>{i}: way {i}</plan>" for i in range(1, k + 1)) + "</guideline>")
+            ids = enc("Question: ")[:1] * (args.prompt - len(g)) + g  # --prompt tokens, forks at once
+            p = SamplingParams(temperature=1.0, seed=1, repetition_penalty=1.0, branch_repetition_penalty=1.0,
+                               max_total_tokens=k * L + takeaway, max_path_tokens=L + takeaway + 8,
+                               max_step_tokens=L, max_plans=16)
+            trajs = []
+            t = timed(lambda: trajs.extend(llm.generate([ids] * r, p)))
+            n = sum(x.num_tokens for x in trajs)
+            out.append(dict(graphs=graphs, requests=r, k=k, rows=r * k, s=t, tokens=n, tok_s=n / t,
+                            forks=sum(x.num_forks for x in trajs), branches=sum(x.num_branches for x in trajs),
+                            finish={f: sum(x.finish_reason == f for x in trajs) for f in {x.finish_reason for x in trajs}},
+                            warmup_s=t_warm, **llm.last_stats))
+            print(f"llm {r}x{k}: {out[-1]}", flush=True)
+            res["llm"] = out
+            save()
+        del llm
+        torch.cuda.empty_cache()
+    res["llm"] = out
 
 
 def profile_step(g: DecodeGraphs, b: int, out_dir: str) -> list:
@@ -187,7 +248,7 @@ def bench_hf(model, args, res, save):
     import transformers
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
-    sd = model.state_dict()
+    sd = model.named_weight_targets()  # HF names (views of fused weights when fused)
     torch.set_default_dtype(torch.bfloat16)
     with torch.device("cuda"):
         hf = Qwen3ForCausalLM(Qwen3Config(**{k: v for k, v in QWEN3_4B.items() if k != "model_type"}))
@@ -233,6 +294,15 @@ def table(res) -> str:
     lines += ["", "| K branches x L | parallel s | sequential s | speedup |", "|---|---|---|---|"]
     lines += [f"| {f['k']} x {f['branch_len']} | {f['parallel_s']:.2f} | {f['sequential_s']:.2f} | {f['speedup']:.2f}x |"
               for f in res["fork"]]
+    direct = {(d["requests"], d["k"]): d for d in res.get("llm_direct", [])}
+    if res.get("llm"):
+        lines += ["", "| engine.LLM R requests x K plans (rows) | graphs | tokens | LLM s | LLM tok/s | direct tok/s "
+                  "| LLM / direct |", "|---|---|---|---|---|---|---|"]
+        for r in res["llm"]:
+            d = direct.get((r["requests"], r["k"]), {})
+            ratio = f"{r['tok_s'] / d['tok_s']:.0%}" if d else "-"
+            lines.append(f"| {r['requests']} x {r['k']} ({r['rows']}) | {'on' if r['graphs'] else 'off'} | {r['tokens']} "
+                         f"| {r['s']:.2f} | {r['tok_s']:.0f} | {d.get('tok_s', 0):.0f} | {ratio} |")
     lines.append(f"\npeak GPU memory: ours {res['peak_gib_ours']} GiB (KV pool {res['kv_pool_gib']} GiB = "
                  f"{res['kv_capacity_tokens']} tokens); HF {res.get('peak_gib_hf', '-')} GiB")
     return "\n".join(lines)
@@ -251,6 +321,9 @@ def main(argv=None) -> int:
     ap.add_argument("--compile", type=int, default=1, help="torch.compile the decode step inside the graphs")
     ap.add_argument("--profile", type=int, default=0, help="1: per-kernel GPU time of one step")
     ap.add_argument("--hf-compile", default="", help="batch sizes whose HF generate is torch.compiled")
+    ap.add_argument("--fuse", type=int, default=1, help="fused q/k/v and gate/up GEMMs (engine inference)")
+    ap.add_argument("--llm", default="1x4,16x4", help="engine.LLM loop cases RxK ('' skips)")
+    ap.add_argument("--llm-slots", type=int, default=65536, help="KV slots of the engine.LLM runs")
     ap.add_argument("--out", default=os.environ.get("OUT", "out"))
     args = ap.parse_args(argv)
     QWEN3_4B["num_hidden_layers"] = args.layers
@@ -262,12 +335,18 @@ def main(argv=None) -> int:
     with torch.device("cuda"):
         model = CausalLM(ModelArgs.from_hf_config(QWEN3_4B)).eval()
     torch.set_default_dtype(torch.float32)
+    if args.fuse:
+        model.fuse_projections()
+    res["fused"] = bool(args.fuse)
     res["params"] = sum(p.numel() for p in model.parameters())
     torch.cuda.reset_peak_memory_stats()
     Path(args.out).mkdir(parents=True, exist_ok=True)
     save = lambda: (Path(args.out) / "engine.json").write_text(json.dumps(res, indent=1))  # noqa: E731
     bench_ours(model, args, res)
     save()  # partial results survive a later failure or timeout
+    if args.llm:
+        bench_llm(model, args, res, save)
+        save()
     if args.hf:
         bench_hf(model, args, res, save)
     save()

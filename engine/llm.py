@@ -28,10 +28,15 @@ from npr_async.tags import JOIN_HEADER, TagIds, step_header
 
 class LLM:
     def __init__(self, model, tokenizer=None, config: EngineConfig = EngineConfig(), device="cpu",
-                 dtype: torch.dtype | None = None):
+                 dtype: torch.dtype | None = None, fuse: bool | None = None, compile_graphs: bool = False):
+        """`fuse`: fuse q/k/v and gate/up into single GEMMs (`CausalLM.fuse_projections`); None = only a model
+        the engine loads itself from a path (a model passed in may be shared, e.g. with a learner).
+        `compile_graphs`: with `config.cuda_graphs`, torch.compile the captured decode step (fuses the small
+        elementwise kernels; a one-time compile of minutes on a 4B model)."""
         from npr_async.tokenizer import load_tokenizer
 
-        if isinstance(model, (str, Path)):
+        owned = isinstance(model, (str, Path))
+        if owned:
             from engine.loader import load_model
 
             path = Path(model)
@@ -39,6 +44,8 @@ class LLM:
             if tokenizer is None and (path / "tokenizer.json").is_file():
                 tokenizer = load_tokenizer(str(path))
         self.model = model.to(device).eval()
+        if (owned if fuse is None else fuse) and hasattr(self.model, "fuse_projections"):
+            self.model.fuse_projections()
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer()
         self.config, self.device, self.version = config, torch.device(device), 0
         self.tags = TagIds.from_tokenizer(self.tokenizer)
@@ -55,6 +62,9 @@ class LLM:
             from engine.triton_attention import TritonPagedAttention
 
             self.attn = TritonPagedAttention(self.kv)
+        # CUDA graphs for decode-only steps, captured at the first one (GPU only; else eager every step)
+        self.use_graphs = bool(config.cuda_graphs) and self.device.type == "cuda"
+        self.graphs, self.compile_graphs = None, compile_graphs
         self._busy = False
         self._seeds = random.Random()
         self.last_stats: dict = {}
@@ -67,6 +77,13 @@ class LLM:
         n = self.model.load_weights((k, t.to(self.device)) for k, t in named_tensors)
         self.version = int(version)
         return n
+
+    def weight_targets(self) -> dict[str, torch.Tensor]:
+        """HF name -> the tensor a weight update copies into (views of fused weights): what a weight-sync
+        receiver fills in place (`WeightReceiver.recv(llm.weight_targets())`). The CUDA graphs read the same
+        storage, so in-place updates reach them."""
+        m = self.model
+        return m.named_weight_targets() if hasattr(m, "named_weight_targets") else dict(m.named_parameters())
 
     # generation -------------------------------------------------------------------------------
     def limits(self, p: SamplingParams) -> Limits:
@@ -98,7 +115,7 @@ class LLM:
                 req.seed = (p.seed if p.seed is not None else self._seeds.getrandbits(62)) + s
                 reqs.append(req)
                 sched.add(req)
-        self._busy = True
+        self._busy, self._graph_steps = True, 0
         try:
             forwards = 0
             while not sched.done():
@@ -107,7 +124,8 @@ class LLM:
             sched.retire()
         finally:
             self._busy = False
-        self.last_stats = {"forwards": forwards, "preemptions": sched.num_preemptions}
+        self.last_stats = {"forwards": forwards, "graph_steps": self._graph_steps,
+                           "preemptions": sched.num_preemptions}
         self.last_requests = reqs  # tests: per-request engine state (e.g. suppressed forks)
         return [self._trajectory(r) for r in reqs]
 
@@ -133,9 +151,6 @@ class LLM:
             ids += seg.tokens[it.start:it.start + it.n]
             pos += seg.positions[it.start:it.start + it.n]
             seqs.append((it.ctx, it.n))
-        self.attn.prepare(seqs)
-        hidden = self.model(torch.tensor(ids, device=self.device), torch.tensor(pos, device=self.device),
-                            self.attn)
         rows, todo = [], []
         end = 0
         for it in items:
@@ -143,9 +158,21 @@ class LLM:
             if it.sample is not None:
                 rows.append(end - 1)
                 todo.append(it)
-        if not rows:
-            return
-        logits = self.model.compute_logits(hidden[torch.tensor(rows, device=self.device)])
+        graphs = self._graphs_for(items)
+        if graphs is not None:  # decode-only step: one token per row, logits of every row from the graph
+            logits = graphs.run(ids, pos, [it.ctx for it in items])
+            self._graph_steps += 1
+            if not rows:
+                return
+            if len(rows) < len(items):
+                logits = logits[torch.tensor(rows, device=self.device)]
+        else:
+            self.attn.prepare(seqs)
+            hidden = self.model(torch.tensor(ids, device=self.device), torch.tensor(pos, device=self.device),
+                                self.attn)
+            if not rows:
+                return
+            logits = self.model.compute_logits(hidden[torch.tensor(rows, device=self.device)])
         gens, toks, pens = [], [], []
         for it in todo:
             b, p = it.sample, it.req.params
@@ -159,6 +186,25 @@ class LLM:
         tokens, logprobs = sample(logits, [it.req.params for it in todo], gens, toks, pens)
         for it, t, lp in zip(todo, tokens.tolist(), logprobs.tolist()):
             it.req.on_sampled(it.sample, t, lp)
+
+    def _graphs_for(self, items):
+        """The DecodeGraphs for this step, or None to run it eagerly: graphs off, a prefill / header / prompt
+        chunk in the step (more than one token in an item), more rows than the largest bucket, or a context
+        wider than the graphs' slot table."""
+        if not self.use_graphs or any(it.n != 1 for it in items):
+            return None
+        if self.graphs is None:
+            from engine.cuda_graphs import DecodeGraphs
+
+            a = self.model.args
+            # no row sees more slots than the pool holds or positions than RoPE covers
+            width = min(self.kv.num_slots, a.max_position_embeddings)
+            self.graphs = DecodeGraphs(self.model, self.kv.k, self.kv.v, width, sample=False,
+                                       compile=self.compile_graphs)
+            self.graphs.capture()
+        if len(items) > self.graphs.max_batch or max(len(it.ctx) for it in items) > self.graphs.max_context:
+            return None
+        return self.graphs
 
     # output -----------------------------------------------------------------------------------
     def _trajectory(self, req: Request) -> Trajectory:
