@@ -59,7 +59,7 @@ class RolloutGenerator:
 
     def receive_weights(self, version: int) -> dict:
         t0 = time.perf_counter()
-        got = self.weights.recv(self.llm.model, expect_version=version)
+        got = self.weights.recv(self.llm.weight_targets(), expect_version=version)  # HF names, fused views
         self.llm.version = got
         return {"version": got, "seconds": time.perf_counter() - t0}
 
