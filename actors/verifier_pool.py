@@ -122,10 +122,11 @@ class VerifierPool:
     """Driver-side handle: starts the actors from the config and spreads work over them."""
 
     def __init__(self, config: Any, tasks: list[dict] | None = None, ready_timeout_s: float = 120.0):
-        opts = {"num_cpus": config.num_cpus_per_worker, "max_concurrency": 4}  # serve loop + calls
-        self.actors = [VerifierActor.options(name=None, **opts).remote(config, f"verifier-{i}")
-                       for i in range(config.num_workers)]
+        self.config, self.tasks = config, list(tasks or [])
+        self.actors = [self._new_actor(i) for i in range(config.num_workers)]
         self.timeout_s = config.timeout_s
+        self.serving: tuple[str, str] | None = None  # (out_address, scheme) once serving
+        self.addresses: list[str] = []
         try:
             ray.get([a.ready.remote() for a in self.actors], timeout=ready_timeout_s)
         except ray.exceptions.GetTimeoutError:
@@ -134,7 +135,12 @@ class VerifierPool:
         if tasks:
             self.set_tasks(tasks)
 
+    def _new_actor(self, i: int):
+        opts = {"num_cpus": self.config.num_cpus_per_worker, "max_concurrency": 4}  # serve loop + calls
+        return VerifierActor.options(**opts).remote(self.config, f"verifier-{i}")
+
     def set_tasks(self, rows: list[dict]) -> None:
+        self.tasks = list(rows)
         ray.get([a.set_tasks.remote(rows) for a in self.actors])
 
     def verify_batch(self, tasks: list[dict], responses: list[str], timeout_s: float | None = None) -> list[Verdict]:
@@ -153,7 +159,31 @@ class VerifierPool:
         return out  # type: ignore[return-value]
 
     def serve(self, out_address: str, scheme: str = "ipc") -> list[str]:
-        return ray.get([a.serve.remote(out_address, scheme) for a in self.actors])
+        self.serving = (out_address, scheme)
+        self.addresses = ray.get([a.serve.remote(out_address, scheme) for a in self.actors])
+        return self.addresses
+
+    def heal(self, timeout_s: float = 10.0) -> list[int]:
+        """Replace every actor that does not answer (killed, node lost) with a new one serving the same
+        output; returns the indices replaced (their `addresses[i]` changed)."""
+        replaced = []
+        for i, actor in enumerate(self.actors):
+            try:
+                ray.get(actor.ready.remote(), timeout=timeout_s)
+                continue
+            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+                pass
+            try:
+                ray.kill(actor)
+            except Exception:
+                pass
+            self.actors[i] = self._new_actor(i)
+            if self.tasks:
+                ray.get(self.actors[i].set_tasks.remote(self.tasks), timeout=120)
+            if self.serving is not None:
+                self.addresses[i] = ray.get(self.actors[i].serve.remote(*self.serving), timeout=120)
+            replaced.append(i)
+        return replaced
 
     def stats(self) -> list[dict]:
         return ray.get([a.stats.remote() for a in self.actors])

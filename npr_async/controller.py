@@ -78,14 +78,18 @@ class Cluster:
     def form_weight_group(self) -> None:
         """Learner = rank 0, generator i = rank i + 1. Collective: all join at once."""
         t = self.cfg.transport.recv_timeout_s
-        _get([self.learner.close_weights.remote()] + [r.close.remote() for r in self.rollouts], t, "weight close")
+        _get([self.learner.close_weights.remote()], t, "the learner to close the old weight group")
         world = 1 + len(self.rollouts)
         addr = _get([self.learner.open_weights.remote(world)], t, "learner to open the weight group")[0]
         _get([self.learner.join_weights.remote()]
              + [r.join_weights.remote(i + 1, world, addr) for i, r in enumerate(self.rollouts)],
              t, "the weight group to form")
-        for i, r in enumerate(self.rollouts):
-            r.connect_output.remote(self.verifier_addresses[i % len(self.verifier_addresses)])
+
+    def connect_outputs(self) -> None:
+        """Point generator i at verifier actor i mod N (after the verifier pool replaced an actor)."""
+        self.verifier_addresses = list(self.verifiers.addresses)
+        _get([r.connect_output.remote(self.verifier_addresses[i % len(self.verifier_addresses)])
+              for i, r in enumerate(self.rollouts)], 60, "generators to connect to the verifier pool")
 
     def sync_weights(self, version: int) -> float:
         t0 = time.perf_counter()
@@ -132,49 +136,90 @@ def run_step(cluster: Cluster, step: int, rows: list[dict], on_dispatch=None) ->
     version = _get([cluster.learner.version.remote()], 60, "the learner's weight version")[0]
     sync_s = cluster.sync_weights(version)
     G = cfg.rollout.samples_per_prompt
-    prompt_ids = [str(r["id"]) for r in rows]
-    _get([cluster.buffer.begin_step.remote(step, version, prompt_ids, G)], 60, "the replay buffer")
+    _get([cluster.buffer.begin_step.remote(step, version, [str(r["id"]) for r in rows], G)], 60, "the replay buffer")
     t0 = time.perf_counter()
+    deadline = time.monotonic() + timeout
     learner_ref = cluster.learner.train_step.remote(step, cluster.buffer, timeout)
     n = len(cluster.rollouts)
-    shards = {i: rows[i::n] for i in range(n) if rows[i::n]}
-    pending = {cluster.rollouts[i].generate.remote(make_request(step, version, s, G)): i for i, s in shards.items()}
+    pending = {cluster.rollouts[i].generate.remote(make_request(step, version, rows[i::n], G)): i
+               for i in range(n) if rows[i::n]}
     if on_dispatch is not None:
         on_dispatch(step, cluster)
     reports, restarts = [], 0
-    deadline = time.monotonic() + timeout
     while pending:
         done, _ = ray.wait(list(pending), num_returns=1, timeout=max(deadline - time.monotonic(), 0.01))
         if not done:
             names = sorted(f"rollout-{i}" for i in pending.values())
             raise TimeoutError(f"controller: step {step}: {', '.join(names)} did not finish within {timeout:.0f}s")
-        ref = done[0]
-        i = pending.pop(ref)
+        i = pending.pop(done[0])
         try:
-            reports.append(ray.get(ref))
+            reports.append(ray.get(done[0]))
         except (ray.exceptions.RayActorError, ray.exceptions.ActorDiedError):
             restarts += 1
             if restarts > 3 * n:
                 raise RuntimeError(f"controller: step {step}: rollout generators keep dying ({restarts} restarts)")
             cluster.replace_rollout(i)
             cluster.sync_weights(version)
-            missing = _get([cluster.buffer.missing.remote()], 60, "the replay buffer")[0]
-            redo = {p: idx for p, idx in missing.items() if idx and p in {str(r["id"]) for r in shards[i]}}
-            if redo:
-                req = make_request(step, version, [r for r in shards[i] if str(r["id"]) in redo], G)
-                pending[cluster.rollouts[i].generate.remote(req, redo)] = i
+            pending.update(_redispatch(cluster, step, version, rows[i::n], only_generator=i))
     rollout_s = time.perf_counter() - t0
-    metrics = _get([learner_ref], timeout, f"the learner to finish step {step}")[0]
+    recovered = _recover_lost(cluster, step, version, rows, deadline, reports)
+    metrics = _get([learner_ref], max(deadline - time.monotonic(), 1), f"the learner to finish step {step}")[0]
     stats = _get([cluster.buffer.stats.remote()], 60, "the replay buffer's stats")[0]
     tokens = sum(r.num_tokens for r in reports)
     metrics.update(version=version, weight_sync_s=sync_s, rollout_s=rollout_s,
                    step_s=time.perf_counter() - t0 + sync_s, rollout_tokens=tokens,
                    tokens_per_s=tokens / max(rollout_s, 1e-9), rollout_restarts=restarts,
+                   recovered_samples=recovered,
                    rollout_actor_s=max((r.seconds for r in reports), default=0.0),
                    rollout_actor_min_s=min((r.seconds for r in reports), default=0.0),
                    stale_dropped=stats["stale_dropped"], duplicates=stats["duplicates"],
                    transport_lost=stats["transport_lost"])
     return metrics
+
+
+def _redispatch(cluster: Cluster, step: int, version: int, rows: list[dict], only_generator: int | None = None):
+    """Ask for the samples of `rows` that the buffer still misses: {ref: generator index}."""
+    missing = _get([cluster.buffer.missing.remote()], 60, "the replay buffer")[0]
+    redo_rows = [r for r in rows if missing.get(str(r["id"]))]
+    targets = [only_generator] if only_generator is not None else list(range(len(cluster.rollouts)))
+    pending = {}
+    for k, i in enumerate(targets):
+        part = redo_rows[k::len(targets)]
+        if part:
+            only = {str(r["id"]): missing[str(r["id"])] for r in part}
+            req = make_request(step, version, part, cluster.cfg.rollout.samples_per_prompt)
+            pending[cluster.rollouts[i].generate.remote(req, only)] = i
+    return pending
+
+
+def _recover_lost(cluster: Cluster, step: int, version: int, rows: list[dict], deadline: float, reports) -> int:
+    """Every generator has reported; samples the buffer still misses after a grace period were lost on the
+    way (a verifier actor died with them, or the transport dropped them). Replace dead verifier actors,
+    re-point the generators, and generate the missing samples again. Returns how many were redone."""
+    grace = 2 * cluster.cfg.verifier.timeout_s + 5  # time for what is still being verified
+    redone = 0
+    for attempt in range(3):
+        until = min(time.monotonic() + grace, deadline)
+        while True:
+            missing = _get([cluster.buffer.missing.remote()], 60, "the replay buffer")[0]
+            count = sum(len(v) for v in missing.values())
+            if count == 0 or time.monotonic() >= until:
+                break
+            time.sleep(0.2)
+        if count == 0:
+            return redone
+        if time.monotonic() >= deadline:
+            break
+        if cluster.verifiers.heal():
+            cluster.connect_outputs()
+        redone += count
+        pending = _redispatch(cluster, step, version, rows)
+        try:
+            reports += _get(list(pending), max(deadline - time.monotonic(), 1), f"re-dispatched samples of step {step}")
+        except (ray.exceptions.RayActorError, ray.exceptions.ActorDiedError):
+            continue  # a generator died meanwhile: the next attempt re-dispatches again
+    raise TimeoutError(f"controller: step {step}: {count} samples never reached the replay buffer "
+                       f"(verifier pool: {cluster.verifier_addresses}); gave up after {attempt + 1} re-dispatches")
 
 
 def checkpoint_dir(run_dir: str | Path, step: int) -> Path:

@@ -104,3 +104,23 @@ def test_killed_rollout_actor_is_replaced_and_every_sample_counted_once(sft_mode
     assert step1["rollout_restarts"] == 1
     assert step1["samples"] == P * G and step1["groups_in"] == P  # each (prompt, sample) exactly once
     assert step1["stale_dropped"] == 0 and step1["version"] == 1
+
+
+def test_killed_verifier_actor_is_replaced_and_lost_samples_redone(sft_model, tmp_path):
+    killed = []
+
+    def kill_verifier_mid_step(step, cluster):
+        if step != 0 or killed:
+            return
+        deadline = time.monotonic() + 60
+        while ray.get(cluster.buffer.stats.remote())["accepted"] == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        killed.append(ray.get(cluster.buffer.stats.remote())["accepted"])
+        ray.kill(cluster.verifiers.actors[0])
+
+    cfg = load_config(None, small_config(sft_model, **{"controller.steps": 1, "verifier.timeout_s": 2}))
+    train(cfg, str(tmp_path / "run"), on_dispatch=kill_verifier_mid_step)
+    assert killed and killed[0] < P * G
+    (step0,) = read_steps(tmp_path / "run")
+    assert step0["samples"] == P * G and step0["groups_in"] == P  # nothing lost, nothing twice
+    assert step0["recovered_samples"] > 0 and step0["stale_dropped"] == 0

@@ -16,7 +16,7 @@ _CHUNK = 1 << 30  # cupy's bcast takes an int count: broadcast larger buckets in
 
 
 def uid_to_bytes(uid) -> bytes:
-    return bytes(x % 256 for x in uid)
+    return uid if isinstance(uid, bytes) else bytes(x % 256 for x in uid)
 
 
 def uid_from_bytes(data: bytes) -> tuple:
@@ -48,7 +48,10 @@ class NcclPlane:
             uid = unique_id
         with cupy.cuda.Device(self.device.index):
             # every rank has joined (Control.join), so this collective init cannot hang on a missing rank
-            self.comm = nccl.NcclCommunicator(control.world_size, uid_from_bytes(uid), control.rank)
+            try:  # newer CuPy takes the id as bytes, older as a tuple of signed chars
+                self.comm = nccl.NcclCommunicator(control.world_size, bytes(uid), control.rank)
+            except TypeError:
+                self.comm = nccl.NcclCommunicator(control.world_size, uid_from_bytes(uid), control.rank)
         self.comm_stream = torch.cuda.Stream(self.device)
         self.side_stream = torch.cuda.Stream(self.device)  # packing (sender) / copy-out (receiver)
         self._bufs: list[torch.Tensor] = []
