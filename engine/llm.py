@@ -48,7 +48,7 @@ class LLM:
             self.model.fuse_projections()
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer()
         self.config, self.device, self.version = config, torch.device(device), 0
-        self.tags = TagIds.from_tokenizer(self.tokenizer)
+        self.tags = self._tags(self.tokenizer, config)
         self.eos = {i for i in (self.tokenizer.eos_token_id, self.tokenizer.convert_tokens_to_ids("<|im_end|>"))
                     if isinstance(i, int) and i >= 0 and i != self.tokenizer.unk_token_id}
         enc = lambda s: self.tokenizer.encode(s, add_special_tokens=False)  # noqa: E731
@@ -68,6 +68,21 @@ class LLM:
         self._busy = False
         self._seeds = random.Random()
         self.last_stats: dict = {}
+
+    @staticmethod
+    def _tags(tokenizer, config: EngineConfig) -> TagIds:
+        """The tags' token ids. Stage 1 decodes sequentially with a stock tokenizer, where the tags are plain
+        text of several tokens: then ids no token has stand in, so the state machine never sees a tag."""
+        try:
+            return TagIds.from_tokenizer(tokenizer)
+        except ValueError:
+            if config.parallel:
+                raise ValueError("this tokenizer lacks the NPR tags as single tokens, which parallel decoding "
+                                 "needs: run add_npr_tokens (npr_async.tokenizer), or set engine.parallel: false "
+                                 "for sequential (Stage 1) decoding") from None
+            from npr_async.tags import NPR_TAGS
+
+            return TagIds({tag: -1 - i for i, tag in enumerate(NPR_TAGS)})
 
     # weights ----------------------------------------------------------------------------------
     def update_weights(self, named_tensors, version: int) -> int:
