@@ -43,6 +43,9 @@ class DataConfig(Section):
     synthetic_difficulty: Annotated[int, msgspec.Meta(ge=1, le=8)] = 2
     synthetic_train_size: Pos = 2048
     synthetic_heldout_size: Pos = 64
+    # imperfect teacher: this fraction of the synthetic SFT traces carries one arithmetic slip (wrong boxed
+    # answer, well-formed); the held-out set never has traces and its answers are always right
+    synthetic_trace_noise: Frac = 0.0
     seed: int = 1234
 
 

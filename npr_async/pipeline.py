@@ -57,7 +57,7 @@ def prepare_data(cfg: Config) -> tuple[list[dict], list[dict]]:
 
     d = cfg.data
     train = load_rows(d.train) if d.train else make_dataset(d.synthetic_train_size, d.synthetic_difficulty, d.seed,
-                                                           with_traces=True)
+                                                           with_traces=True, trace_noise=d.synthetic_trace_noise)
     heldout = load_rows(d.heldout) if d.heldout else make_dataset(d.synthetic_heldout_size,
                                                                   d.synthetic_difficulty, d.seed + 1)
     overlap = {str(r["id"]) for r in train} & {str(r["id"]) for r in heldout}

@@ -132,6 +132,22 @@ def solution_trace(problem: Problem) -> str:
             f"\\boxed{{{problem.answer}}}")
 
 
+SLIPS = (-2, -1, 1, 2)  # how far a weak teacher's slipped part value lands from the true one
+
+
+def slipped_trace(problem: Problem, rng: random.Random) -> str:
+    """An imperfect teacher's trace: well-formed, but one part's step value is off by a small amount
+    (`SLIPS`) and the takeaway carries the wrong value on consistently, so the boxed answer is wrong."""
+    k = rng.randrange(len(problem.parts))
+    part = problem.parts[k]
+    value = part.value + rng.choice([d for d in SLIPS if part.value + d >= 0] or [1])
+    parts = problem.parts[:k] + (Part(part.name, part.expr, value),) + problem.parts[k + 1:]
+    wrong = evaluate(problem.combine, {p.name: p.value for p in parts})
+    if wrong == problem.answer:  # the slip cancels out (a part multiplied by 0): slip the answer itself
+        wrong += 1
+    return solution_trace(Problem(problem.id, problem.question, wrong, parts, problem.combine))
+
+
 def make_problems(n: int, difficulty: int, seed: int) -> list[Problem]:
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
@@ -139,12 +155,25 @@ def make_problems(n: int, difficulty: int, seed: int) -> list[Problem]:
     return [make_problem(rng, difficulty) for _ in range(n)]
 
 
-def make_dataset(n: int, difficulty: int, seed: int, with_traces: bool = False) -> list[dict]:
-    """Rows `{id, prompt, answer}` (answer as a string, as `\\boxed{}` holds it); `+ trace` if asked."""
+def make_dataset(n: int, difficulty: int, seed: int, with_traces: bool = False,
+                 trace_noise: float = 0.0) -> list[dict]:
+    """Rows `{id, prompt, answer}` (answer as a string, as `\\boxed{}` holds it); `+ trace` if asked.
+
+    `trace_noise` (the imperfect-teacher knob, traces only): that fraction of the traces (a seeded draw,
+    independent of the problems) carries one arithmetic slip (`slipped_trace`), so its boxed answer is
+    wrong, and the row says `trace_correct: False`. The rows' `answer` is always the true one, so a
+    verifier still rewards only correct answers. 0.0 gives the same rows as before, byte for byte.
+    """
+    if not 0.0 <= trace_noise <= 1.0:
+        raise ValueError(f"trace_noise must be in [0, 1], got {trace_noise!r}")
     rows = []
+    slip_rng = random.Random(f"npr-task-slips:{seed}:{difficulty}")
     for p in make_problems(n, difficulty, seed):
         row = {"id": p.id, "prompt": p.question, "answer": str(p.answer)}
         if with_traces:
-            row["trace"] = solution_trace(p)
+            if trace_noise > 0.0 and slip_rng.random() < trace_noise:
+                row["trace"], row["trace_correct"] = slipped_trace(p, slip_rng), False
+            else:
+                row["trace"] = solution_trace(p)
         rows.append(row)
     return rows

@@ -109,3 +109,38 @@ def test_make_data_cli(tmp_path, suffix):
 def test_make_data_cli_bad_out(tmp_path):
     with pytest.raises(SystemExit, match="jsonl or .parquet"):
         main(["make-data", "--n", "2", "--out", str(tmp_path / "d.csv")])
+
+
+def test_trace_noise_off_is_unchanged():
+    assert make_dataset(200, 1, 7, with_traces=True) == make_dataset(200, 1, 7, with_traces=True, trace_noise=0.0)
+
+
+def test_trace_noise_slips_are_well_formed_and_wrong():
+    clean = make_dataset(1000, 2, 7, with_traces=True)
+    noisy = make_dataset(1000, 2, 7, with_traces=True, trace_noise=0.3)
+    assert noisy == make_dataset(1000, 2, 7, with_traces=True, trace_noise=0.3)  # seeded
+    assert [r["id"] for r in noisy] == [r["id"] for r in clean]  # same problems, true answers
+    assert [r["answer"] for r in noisy] == [r["answer"] for r in clean]
+    slipped = [r for r in noisy if r.get("trace_correct") is False]
+    assert 230 <= len(slipped) <= 370
+    for r in noisy:
+        boxed = re.search(r"\\boxed\{(-?\d+)\}$", r["trace"]).group(1)
+        assert npr_format.validate(r["trace"]) == []
+        assert (boxed == r["answer"]) == r.get("trace_correct", True)
+    for r, c in zip(noisy, clean):
+        if r.get("trace_correct") is False:  # exactly one step value differs, by 1 or 2
+            diffs = [(int(a), int(b)) for a, b in zip(re.findall(r"=(\d+)</step>", r["trace"]),
+                                                     re.findall(r"=(\d+)</step>", c["trace"])) if a != b]
+            assert len(diffs) == 1 and 1 <= abs(diffs[0][0] - diffs[0][1]) <= 2
+        else:
+            assert r["trace"] == c["trace"]
+    with pytest.raises(ValueError):
+        make_dataset(3, 1, 0, with_traces=True, trace_noise=1.5)
+
+
+@pytest.mark.parametrize("difficulty", sorted(LEVELS))
+def test_slipped_answers_are_wrong_at_every_level(difficulty):
+    for r in make_dataset(300, difficulty, 3, with_traces=True, trace_noise=1.0):
+        assert r["trace_correct"] is False
+        assert re.search(r"\\boxed\{(-?\d+)\}$", r["trace"]).group(1) != r["answer"]
+        assert npr_format.validate(r["trace"]) == []
