@@ -88,7 +88,8 @@ def test_sft_command_on_synthetic_traces(tmp_path):
 
     out = tmp_path / "out"
     assert main(["sft", "--set", f"logging.run_dir={tmp_path / 'run'}", "--set", "data.synthetic_train_size=24",
-                 "--set", "learner.sft_batch_size=8", "--set", "learner.sft_lr=1e-3", "--out", str(out)]) == 0
+                 "--set", "learner.sft_batch_size=8", "--set", "learner.sft_lr=1e-3", "--set", "learner.sft_epochs=1",
+                 "--out", str(out)]) == 0
     state = torch.load(out / "trainer_state.pt", weights_only=False)
     assert state["step"] == 3 and state["loss"] == "sft"
     metrics = [json.loads(x) for x in (tmp_path / "run" / "sft_metrics.jsonl").read_text().splitlines()]
