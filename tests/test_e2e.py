@@ -84,21 +84,27 @@ def test_on_policy_steps_checkpoint_and_resume(sft_model, tmp_path):
         train(cfg4, str(run))
 
 
-def test_killed_rollout_actor_is_replaced_and_every_sample_counted_once(sft_model, tmp_path):
+def kill_mid_step(at_step: int, target):
+    """An on_dispatch hook that kills `target(cluster)` once the buffer holds part of step `at_step`'s samples;
+    returns (hook, list of the accepted counts at each kill)."""
     killed = []
 
-    def kill_mid_step(step, cluster):
-        if step != 1 or killed:
+    def hook(step, cluster):
+        if step != at_step or killed:
             return
         deadline = time.monotonic() + 60
         while ray.get(cluster.buffer.stats.remote())["accepted"] == 0 and time.monotonic() < deadline:
             time.sleep(0.05)
-        accepted = ray.get(cluster.buffer.stats.remote())["accepted"]
-        ray.kill(cluster.rollouts[0])
-        killed.append(accepted)
+        killed.append(ray.get(cluster.buffer.stats.remote())["accepted"])
+        ray.kill(target(cluster))
 
+    return hook, killed
+
+
+def test_killed_rollout_actor_is_replaced_and_every_sample_counted_once(sft_model, tmp_path):
+    hook, killed = kill_mid_step(1, lambda cluster: cluster.rollouts[0])
     cfg = load_config(None, small_config(sft_model, **{"rollout.num_workers": 1}))
-    train(cfg, str(tmp_path / "run"), on_dispatch=kill_mid_step)
+    train(cfg, str(tmp_path / "run"), on_dispatch=hook)
     assert killed and 0 < killed[0] < P * G, killed  # it died with part of its work delivered
     step1 = read_steps(tmp_path / "run")[1]
     assert step1["rollout_restarts"] == 1
@@ -107,19 +113,9 @@ def test_killed_rollout_actor_is_replaced_and_every_sample_counted_once(sft_mode
 
 
 def test_killed_verifier_actor_is_replaced_and_lost_samples_redone(sft_model, tmp_path):
-    killed = []
-
-    def kill_verifier_mid_step(step, cluster):
-        if step != 0 or killed:
-            return
-        deadline = time.monotonic() + 60
-        while ray.get(cluster.buffer.stats.remote())["accepted"] == 0 and time.monotonic() < deadline:
-            time.sleep(0.05)
-        killed.append(ray.get(cluster.buffer.stats.remote())["accepted"])
-        ray.kill(cluster.verifiers.actors[0])
-
+    hook, killed = kill_mid_step(0, lambda cluster: cluster.verifiers.actors[0])
     cfg = load_config(None, small_config(sft_model, **{"controller.steps": 1, "verifier.timeout_s": 2}))
-    train(cfg, str(tmp_path / "run"), on_dispatch=kill_verifier_mid_step)
+    train(cfg, str(tmp_path / "run"), on_dispatch=hook)
     assert killed and killed[0] < P * G
     (step0,) = read_steps(tmp_path / "run")
     assert step0["samples"] == P * G and step0["groups_in"] == P  # nothing lost, nothing twice
