@@ -4,8 +4,8 @@ Tokens are flat (no batch dimension): packed sequences or all live branches conc
 delegated to a backend called as `attn(layer_idx, q, k, v)` after q/k-norm and RoPE, so the same module
 serves masked training (engine/attention.py) and paged decoding over KV slots. Parameter names equal
 HF's, so HF state dicts load with `load_state_dict(strict=True)` and our state dicts save as HF checkpoints.
-The engine may fuse q/k/v and gate/up into single GEMMs (`fuse_projections`); HF names then address views
-of the fused weights (`named_weight_targets`), so weight updates keep working by name.
+The engine may fuse q/k/v and gate/up into single GEMMs (`fuse_projections`, engine/fusion.py); HF names
+then address views of the fused weights (`named_weight_targets`), so weight updates keep working by name.
 """
 from __future__ import annotations
 
@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+
+from engine import fusion
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3")
 
@@ -177,14 +179,9 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(self.dh, args.rms_norm_eps)
             self.k_norm = RMSNorm(self.dh, args.rms_norm_eps)
 
-    def fuse(self) -> None:
-        """Inference only: one [q; k; v] GEMM instead of three skinny ones (see CausalLM.fuse_projections)."""
-        self.qkv_proj = _fused_linear(self.q_proj, self.k_proj, self.v_proj)
-        del self.q_proj, self.k_proj, self.v_proj
-
     def forward(self, x, rope: tuple[torch.Tensor, torch.Tensor], attn) -> torch.Tensor:
         t = x.shape[0]
-        if hasattr(self, "qkv_proj"):  # column slices of one output: views, no copies
+        if hasattr(self, "qkv_proj"):  # fused (engine/fusion.py): column slices of one output: views, no copies
             q, k, v = self.qkv_proj(x).split([self.hq * self.dh, self.hkv * self.dh, self.hkv * self.dh], -1)
             q, k, v = q.view(t, self.hq, self.dh), k.view(t, self.hkv, self.dh), v.view(t, self.hkv, self.dh)
         else:
@@ -204,31 +201,11 @@ class MLP(nn.Module):
         d, i, b = args.hidden_size, args.intermediate_size, args.mlp_bias
         self.gate_proj, self.up_proj, self.down_proj = nn.Linear(d, i, bias=b), nn.Linear(d, i, bias=b), nn.Linear(i, d, bias=b)
 
-    def fuse(self) -> None:
-        self.gate_up_proj = _fused_linear(self.gate_proj, self.up_proj)
-        del self.gate_proj, self.up_proj
-
     def forward(self, x):
         if hasattr(self, "gate_up_proj"):
             gate, up = self.gate_up_proj(x).chunk(2, -1)
             return self.down_proj(F.silu(gate) * up)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-
-
-def _fused_linear(*parts: nn.Linear) -> nn.Linear:
-    """One Linear whose weight (and bias) rows are the parts' stacked in order, same device and dtype."""
-    w = parts[0].weight
-    out = nn.Linear(w.shape[1], sum(p.out_features for p in parts), bias=parts[0].bias is not None,
-                    device=w.device, dtype=w.dtype)
-    with torch.no_grad():
-        out.weight.copy_(torch.cat([p.weight for p in parts]))
-        if out.bias is not None:
-            out.bias.copy_(torch.cat([p.bias for p in parts]))
-    return out
-
-
-# fused module name -> the HF modules whose rows it stacks, in order
-FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
 
 
 class DecoderLayer(nn.Module):
@@ -286,67 +263,22 @@ class CausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return F.linear(hidden, self.head_weight).float()
 
-    # inference: fused projections behind HF names --------------------------------------------------
+    # inference: fused projections behind HF names (engine/fusion.py) --------------------------------
     @property
     def fused(self) -> bool:
-        return any(hasattr(layer.self_attn, "qkv_proj") for layer in self.model.layers)
+        return fusion.is_fused(self)
 
     def fuse_projections(self) -> "CausalLM":
-        """Engine only (the learner keeps HF modules): q/k/v -> one `qkv_proj`, gate/up -> one `gate_up_proj`,
-        so a decode step reads each layer's input projections in one GEMM. Numerically the same products.
-        Parameter names change (state_dict() is no longer HF's); `named_weight_targets()` still maps every HF
-        name to a view of the fused weight, and `load_weights` / weight sync go through it. Idempotent."""
-        for layer in self.model.layers:
-            if not hasattr(layer.self_attn, "qkv_proj"):
-                layer.self_attn.fuse()
-            if not hasattr(layer.mlp, "gate_up_proj"):
-                layer.mlp.fuse()
-        return self
+        """Engine only: q/k/v -> `qkv_proj`, gate/up -> `gate_up_proj`; HF names stay loadable. Idempotent."""
+        return fusion.fuse_projections(self)
 
-    @torch.no_grad()
     def named_weight_targets(self) -> dict[str, torch.Tensor]:
-        """HF name -> tensor to copy that weight into, in place: the parameter itself, or for fused modules a
-        contiguous row slice (a view) of the fused weight / bias. Built fresh on each call: views taken
-        before a `.to(device)` would point at the old storage."""
-        out: dict[str, torch.Tensor] = {}
-        for name, p in self.named_parameters():
-            prefix, _, leaf = name.rpartition(".")  # e.g. model.layers.3.self_attn.qkv_proj, weight
-            mod_path, _, mod = prefix.rpartition(".")
-            if mod not in FUSED:
-                out[name] = p
-                continue
-            parent = self.get_submodule(mod_path)
-            sizes = _part_rows(parent, mod)
-            for part, rows in zip(FUSED[mod], p.detach().split(sizes)):
-                out[f"{mod_path}.{part}.{leaf}"] = rows
-        return out
+        """HF name -> tensor (parameter or row view of a fused one) to copy that weight into, in place."""
+        return fusion.named_weight_targets(self)
 
-    @torch.no_grad()
     def load_weights(self, named_tensors) -> int:
-        """Copy (name, tensor) pairs in place (weight updates, loaders); returns how many were copied.
-        Names are HF's (also when fused) or this module's own parameter names."""
-        params = self.named_weight_targets()
-        if self.fused:
-            params.update(self.named_parameters())
-        n = 0
-        for name, t in named_tensors:
-            if name == "lm_head.weight" and self.args.tie_word_embeddings:
-                continue
-            if name not in params:
-                raise KeyError(f"unknown parameter {name!r}")
-            p = params[name]
-            if p.shape != t.shape:
-                raise ValueError(f"{name}: shape {tuple(t.shape)} != {tuple(p.shape)}")
-            p.copy_(t)
-            n += 1
-        return n
-
-
-def _part_rows(parent: nn.Module, fused: str) -> list[int]:
-    if fused == "qkv_proj":
-        return [parent.hq * parent.dh, parent.hkv * parent.dh, parent.hkv * parent.dh]
-    half = parent.gate_up_proj.out_features // 2
-    return [half, half]
+        """Copy (name, tensor) pairs in place; HF or own names; returns how many were copied."""
+        return fusion.load_weights(self, named_tensors)
 
 
 def _drop_tied_head(module, state_dict, prefix, *args, **kwargs):

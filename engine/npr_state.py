@@ -9,15 +9,15 @@ are the ones that function computes on the output ids:
 - a step ends at `</step>` (sampled, or forced when `max_step_tokens` is reached);
 - when every sibling has closed its step the parent goes on in a join segment that opens with the forced
   `\\n<takeaway>\\n`, sees the trunk and all steps, and starts after the longest step.
+The tree's data types (`Seg`, `Fork`, `Branch`) live in engine/npr_tree.py.
 KV references: a branch holds one reference on the KV segment of every logical segment it sees (its
 `ctx`), waiting and finished branches included; see `KVStore.fork` / `KVStore.join`.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-import torch
-
+from engine.npr_tree import Branch, Fork, Seg  # also re-exported: scheduler imports Branch from here
 from npr_async.structure import parse_structure
 from npr_async.tags import TagIds
 
@@ -32,48 +32,6 @@ class Limits:
     max_depth: int = 5
     fork_margin_tokens: int = 0
     parallel: bool = True
-
-
-@dataclass
-class Seg:
-    parents: list[int]
-    tokens: list[int] = field(default_factory=list)
-    positions: list[int] = field(default_factory=list)
-    logprobs: list[float] = field(default_factory=list)  # NaN where not sampled
-    follows: list[int] = field(default_factory=list)  # segments after this one in flat order (steps, join)
-    kv: int | None = None  # KV segment id (None while preempted)
-    cached: int = 0  # leading tokens whose K/V are in the store
-
-
-@dataclass
-class Fork:
-    parent: "Branch"
-    seg: int  # F: the segment the steps branch from
-    base: int  # position of every step's first token
-    plans: int
-    children: list["Branch"] = field(default_factory=list)
-
-
-@dataclass
-class Branch:
-    seg: int  # current segment: tokens are appended here
-    ctx: list[int]  # logical segments it sees, ascending, its own last; one KV reference each
-    next_pos: int
-    fork: Fork | None = None  # the fork it is a step of (None: the trunk)
-    gen: torch.Generator | None = None  # made by the engine from the request seed and `path`
-    path: tuple = ()  # (fork base position, step index) per fork level: names the branch for its RNG
-    own: list[int] = field(default_factory=list)  # its sampled tokens (repetition penalty in branches)
-    step_tokens: int = 0
-    state: str = "run"  # run | wait (children running) | done (step closed)
-    sequential: bool = False  # a fork was suppressed here: the model writes its steps itself
-    forked: Fork | None = None  # the fork it waits on (state "wait")
-
-    @property
-    def depth(self) -> int:
-        d, f = 0, self.fork
-        while f is not None:
-            d, f = d + 1, f.parent.fork
-        return d
 
 
 class Request:
