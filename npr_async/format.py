@@ -190,15 +190,3 @@ def last_boxed(text) -> str | None:
                 return text[m.end():i]
             i += 1
     return None
-
-
-# Re-exports: callers import the rubric from here. Resolved lazily (PEP 562) because format_score imports
-# the parser from this module: an eager import here would fail when format_score is imported first.
-_FORMAT_SCORE_NAMES = ("FormatScore", "check_guideline", "format_score", "score_format", "validate")
-
-
-def __getattr__(name: str):
-    if name in _FORMAT_SCORE_NAMES:
-        from npr_async import format_score
-        return getattr(format_score, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

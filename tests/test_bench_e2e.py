@@ -12,7 +12,7 @@ spec.loader.exec_module(e2e)
 
 
 def test_forced_guideline_opens_the_reply_and_forks(tmp_path):
-    from npr_async.format import check_guideline
+    from npr_async.format_score import check_guideline
     from npr_async.tokenizer import BUNDLED_TOKENIZER, format_prompt, load_tokenizer
 
     shutil.copytree(BUNDLED_TOKENIZER, tmp_path / "m")

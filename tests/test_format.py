@@ -6,7 +6,8 @@ import random
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from npr_async.format import check_guideline, format_score, last_boxed, parse, score_format, validate
+from npr_async.format import last_boxed, parse
+from npr_async.format_score import check_guideline, format_score, score_format, validate
 
 
 def block(plans=("1: find a", "2: find b"), steps=None, takeaway="a + b = 7", glue="\n", gtext="", ptext="",

@@ -12,7 +12,7 @@ from engine.llm import LLM
 from engine.loader import load_model
 from engine.sampler import SamplingParams
 from npr_async.config import EngineConfig, LearnerConfig
-from npr_async.format import format_score
+from npr_async.format_score import format_score
 from npr_async.models import init_model
 from npr_async.tags import TagIds
 from npr_async.task import make_dataset

@@ -6,6 +6,7 @@ import re
 import pytest
 
 from npr_async import format as npr_format
+from npr_async import format_score as rubric
 from npr_async.cli import main
 from npr_async.tags import JOIN_HEADER, step_header
 from npr_async.task import LEVELS, evaluate, make_dataset, make_problem, make_problems, solution_trace
@@ -86,8 +87,8 @@ def test_traces_are_npr_and_contain_every_part(difficulty):
         assert t.count(JOIN_HEADER) == 1 and t.index(JOIN_HEADER) > t.rindex("</step>")
         assert doc.answer == str(p.answer)
         assert block.takeaway.strip().endswith(f"={p.answer}")
-        assert npr_format.format_score(t) == 0.0  # NPR's rubric: a perfect trajectory
-        assert npr_format.validate(t) == []
+        assert rubric.format_score(t) == 0.0  # NPR's rubric: a perfect trajectory
+        assert rubric.validate(t) == []
 
 
 @pytest.mark.parametrize("suffix", [".jsonl", ".parquet"])
@@ -125,7 +126,7 @@ def test_trace_noise_slips_are_well_formed_and_wrong():
     assert 230 <= len(slipped) <= 370
     for r in noisy:
         boxed = re.search(r"\\boxed\{(-?\d+)\}$", r["trace"]).group(1)
-        assert npr_format.validate(r["trace"]) == []
+        assert rubric.validate(r["trace"]) == []
         assert (boxed == r["answer"]) == r.get("trace_correct", True)
     for r, c in zip(noisy, clean):
         if r.get("trace_correct") is False:  # exactly one step value differs, by 1 or 2
@@ -143,4 +144,4 @@ def test_slipped_answers_are_wrong_at_every_level(difficulty):
     for r in make_dataset(300, difficulty, 3, with_traces=True, trace_noise=1.0):
         assert r["trace_correct"] is False
         assert re.search(r"\\boxed\{(-?\d+)\}$", r["trace"]).group(1) != r["answer"]
-        assert npr_format.validate(r["trace"]) == []
+        assert rubric.validate(r["trace"]) == []

@@ -69,7 +69,7 @@ def rejection_sample(llm, rows: list[dict], k: int, params, verifier) -> tuple[l
     """k samples per problem through the engine; keep the first that is correct with format score 0.
 
     Returns (kept rows `{id, prompt, answer, completion}`, stats)."""
-    from npr_async.format import format_score
+    from npr_async.format_score import format_score
     from npr_async.tokenizer import format_prompt
 
     prompts = [format_prompt(llm.tokenizer, r["prompt"]) for r in rows]

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from npr_async.format import score_format, validate
+from npr_async.format_score import score_format, validate
 from npr_async.verifiers.base import Verdict
 
 MODES = ("none", "stage1", "filter")
