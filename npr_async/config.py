@@ -102,7 +102,6 @@ class VerifierConfig(Section):
 
 
 class BufferConfig(Section):
-    capacity: Pos = 4096
     dynamic_sampling: bool = False  # DAPO: drop groups whose rewards are all equal
 
 
@@ -152,11 +151,9 @@ class TransportConfig(Section):
 class ControllerConfig(Section):
     ray_address: str = ""  # empty: start a local cluster; "auto" or host:port joins one
     steps: Pos = 10
-    sft_steps: NonNeg = 0
     max_staleness: Annotated[int, msgspec.Meta(ge=0, le=0)] = 0  # strictly on-policy; > 0 is not built yet
     step_timeout_s: PosFloat = 1800.0
     checkpoint_every: NonNeg = 0  # 0: only at the end
-    eval_every: NonNeg = 0
     eval_k: Pos = 4  # samples per held-out problem (avg@k) after SFT and after RL
     seed: int = 0
 

@@ -157,10 +157,9 @@ def test_decode_graph_logits_match_eager_torch_backend():
         torch.testing.assert_close(out, ref[:n], rtol=1e-4, atol=1e-4)
 
 
-def test_llm_triton_backend_matches_torch_backend(tmp_path):
-    """The engine end to end on the GPU: forked greedy trajectories are the same with both backends."""
-    from engine import LLM, SamplingParams
-    from npr_async.config import EngineConfig
+def forked_greedy_workload(tmp_path):
+    """A tiny model dir and greedy prompts that fork at once, resume inside a step, and run sequentially."""
+    from engine import SamplingParams
     from npr_async.models import init_model
 
     d = init_model("tiny", str(tmp_path / "m"), seed=0)
@@ -168,6 +167,15 @@ def test_llm_triton_backend_matches_torch_backend(tmp_path):
     prompts = [q + "</guideline>", q + "</guideline>\n<step>\n1: partial", "Question: add 1 and 2.\n"]
     p = SamplingParams(temperature=0.0, seed=1, repetition_penalty=1.0, branch_repetition_penalty=1.0,
                        max_total_tokens=120, max_path_tokens=90, max_step_tokens=12, max_plans=5)
+    return d, prompts, p
+
+
+def test_llm_triton_backend_matches_torch_backend(tmp_path):
+    """The engine end to end on the GPU: forked greedy trajectories are the same with both backends."""
+    from engine import LLM
+    from npr_async.config import EngineConfig
+
+    d, prompts, p = forked_greedy_workload(tmp_path)
     runs = []
     for backend in ("torch", "triton"):
         llm = LLM(d, config=EngineConfig(kv_slots=4096, max_batch_tokens=512, attention_backend=backend),
@@ -188,15 +196,10 @@ def test_llm_triton_backend_matches_torch_backend(tmp_path):
 def test_llm_cuda_graphs_match_eager(tmp_path, dtype):
     """EngineConfig.cuda_graphs: decode-only steps replay DecodeGraphs (fused projections, bucketed batch
     sizes, padding rows); trajectories equal the eager loop's (same Triton kernel), logprobs within tolerance."""
-    from engine import LLM, SamplingParams
+    from engine import LLM
     from npr_async.config import EngineConfig
-    from npr_async.models import init_model
 
-    d = init_model("tiny", str(tmp_path / "m"), seed=0)
-    q = "Question: add 17 and 25.\n<guideline>" + "".join(f"<plan>{k}: way {k}</plan>" for k in (1, 2, 3))
-    prompts = [q + "</guideline>", q + "</guideline>\n<step>\n1: partial", "Question: add 1 and 2.\n"]
-    p = SamplingParams(temperature=0.0, seed=1, repetition_penalty=1.0, branch_repetition_penalty=1.0,
-                       max_total_tokens=120, max_path_tokens=90, max_step_tokens=12, max_plans=5)
+    d, prompts, p = forked_greedy_workload(tmp_path)
     runs = []
     for graphs in (False, True):
         llm = LLM(d, config=EngineConfig(kv_slots=4096, max_batch_tokens=512, attention_backend="triton",
