@@ -118,8 +118,8 @@ def bench_ours(model, args, res):
     kv_token_bytes = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * 2
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     batches = [int(b) for b in args.batches.split(",")]
-    ks = [int(k) for k in args.forks.split(",")]
-    max_ctx = args.prompt + max(ks) * args.branch_len + 8
+    ks = [int(k) for k in args.forks.split(",") if k]
+    max_ctx = args.prompt + max(ks, default=1) * args.branch_len + 8
     free, total = torch.cuda.mem_get_info()
     slots = int((free - args.reserve_gb * 2**30) // kv_token_bytes)  # the rest of the GPU is the KV pool
     shape = (cfg.num_layers, slots, cfg.num_kv_heads, cfg.head_dim)

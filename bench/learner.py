@@ -12,6 +12,7 @@ the mask: the same 16k-token layer with the flex BlockMask and with SDPA under a
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
@@ -83,6 +84,16 @@ def dense_attention(mb, device):  # NPR's way: one dense mask over the whole pac
     return MaskedAttention(mb.to(device).dense_mask())
 
 
+_NO_PROFILE = contextlib.nullcontext()
+
+
+def _profiler(args, device, last: bool):
+    """torch.profiler around the last timed step when --profile is set (its time then includes the profiler)."""
+    if not (args.profile and last and device.type == "cuda"):
+        return _NO_PROFILE
+    return torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA])
+
+
 def papo_step(args, margs, trajs, attn: str, device) -> dict:
     orig = trainer_mod.attention_for
     if attn == "dense":
@@ -100,9 +111,13 @@ def papo_step(args, margs, trajs, attn: str, device) -> dict:
                 torch.cuda.reset_peak_memory_stats()
             sync(device)
             t0 = time.perf_counter()
-            tr.accumulate(trajs, rewards)
-            tr.finish_step()
-            sync(device)
+            prof = _profiler(args, device, last=i == args.warmup + args.steps - 1)
+            with prof:
+                tr.accumulate(trajs, rewards)
+                tr.finish_step()
+                sync(device)
+            if prof is not _NO_PROFILE:
+                print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=30), flush=True)
             if i >= args.warmup:
                 times.append(time.perf_counter() - t0)
         out = {"step_s": float(np.median(times)), "steps": len(times)}
@@ -170,6 +185,7 @@ def main() -> int:
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--attn", default="flex,dense", help="step variants: flex,dense")
     ap.add_argument("--no-checkpointing", action="store_true")
+    ap.add_argument("--profile", action="store_true", help="print the top GPU kernels of the last step")
     ap.add_argument("--peak-tflops", type=float, default=0.0, help="bf16 peak (default: from the GPU name)")
     args = ap.parse_args()
     if args.tiny:
