@@ -142,7 +142,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
                      indptr: torch.Tensor | None = None, indices: torch.Tensor | None = None,
                      table: torch.Tensor | None = None, lens: torch.Tensor | None = None,
                      num_splits: int | None = None, out: torch.Tensor | None = None,
-                     block_n: int = 64) -> torch.Tensor:
+                     block_n: int = 64, num_warps: int = 4, num_stages: int = 2) -> torch.Tensor:
     """q [R, Hq, D]; caches [S, Hkv, D]; context of row r: CSR `indices[indptr[r]:indptr[r+1]]` or the
     padded `table[r, :lens[r]]` (int32 slots). Returns [R, Hq, D] in q's dtype; scale 1/sqrt(D)."""
     r, hq, d = q.shape
@@ -168,7 +168,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         q, k_cache, v_cache, ptr, ln, idx, out, mo, ml, math.log2(math.e) / math.sqrt(d),
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), tstride,
         KV_ROW=hkv * d, GROUP=group, BLOCK_H=max(16, triton.next_power_of_2(group)), D=d,
-        BLOCK_N=block_n, SPLITS=splits, PADDED=padded, num_warps=4, num_stages=2,
+        BLOCK_N=block_n, SPLITS=splits, PADDED=padded, num_warps=num_warps, num_stages=num_stages,
         PREC="ieee" if q.dtype == torch.float32 else "tf32")  # float32 caches (tests): no tf32 rounding
     if splits > 1:
         _merge_kernel[(r, hq)](mo, ml, out, out.stride(0), out.stride(1), D=d, SPLITS=splits,

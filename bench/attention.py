@@ -1,0 +1,81 @@
+"""Decode-attention kernel sweep: HBM bandwidth of `engine.triton_attention.decode_attention` per launch
+configuration (splits, BLOCK_N, warps, stages), to choose the engine's defaults from measurements.
+
+    python3 bench/attention.py --rows 64,256 --ctx 256,1024 --out $OUT/attention.json
+
+Qwen3-4B attention shape (32 query heads, 8 KV heads, head_dim 128, bf16), one layer's cache of
+`--slots` token slots; every row reads its own `ctx` slots, scattered over the pool as in a live engine.
+GB/s = K and V bytes read ÷ kernel time (triton.testing.do_bench, L2 flushed between runs), side by side
+with a device-to-device copy of the same bytes in the same run (the hardware's practical limit).
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+from pathlib import Path
+
+import torch
+import triton
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from engine.triton_attention import decode_attention, default_splits  # noqa: E402
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rows", default="64,256")
+    ap.add_argument("--ctx", default="256,1024")
+    ap.add_argument("--splits", default="1,2,4,8,16")
+    ap.add_argument("--block-n", default="32,64,128")
+    ap.add_argument("--warps", default="4,8")
+    ap.add_argument("--stages", default="2,3,4")
+    ap.add_argument("--slots", type=int, default=1 << 20)
+    ap.add_argument("--out", required=True)
+    a = ap.parse_args()
+    hq, hkv, d, dev = 32, 8, 128, torch.device("cuda")
+    kc = torch.randn(a.slots, hkv, d, device=dev, dtype=torch.bfloat16)
+    vc = torch.randn_like(kc)
+    res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "cases": []}
+    for rows, ctx in itertools.product(map(int, a.rows.split(",")), map(int, a.ctx.split(","))):
+        q = torch.randn(rows, hq, d, device=dev, dtype=torch.bfloat16)
+        table = torch.randperm(a.slots, device=dev)[:rows * ctx].view(rows, ctx).int()
+        lens = torch.full((rows,), ctx, dtype=torch.int32, device=dev)
+        nbytes = 2 * rows * ctx * hkv * d * 2
+        src = torch.empty(nbytes // 2, dtype=torch.uint8, device=dev)
+        dst = torch.empty_like(src)
+        copy_ms = triton.testing.do_bench(lambda: dst.copy_(src))
+        copy_gbs = 2 * src.numel() / copy_ms / 1e6  # read + write
+        case = {"rows": rows, "ctx": ctx, "kv_bytes": nbytes, "copy_gbs": copy_gbs,
+                "default_splits": default_splits(rows, hkv, dev), "configs": []}
+        ref = decode_attention(q, kc, vc, table=table, lens=lens)
+        for s, bn, w, st in itertools.product(*(map(int, x.split(",")) for x in (a.splits, a.block_n, a.warps, a.stages))):
+            fn = lambda: decode_attention(q, kc, vc, table=table, lens=lens, num_splits=s, block_n=bn,  # noqa: E731
+                                          num_warps=w, num_stages=st)
+            try:
+                err = (fn().float() - ref.float()).abs().max().item()
+                ms = triton.testing.do_bench(fn)
+            except Exception as e:  # out of shared memory for a tile shape: record it and go on
+                case["configs"].append({"splits": s, "block_n": bn, "warps": w, "stages": st, "error": str(e)[:120]})
+                continue
+            case["configs"].append({"splits": s, "block_n": bn, "warps": w, "stages": st, "us": ms * 1e3,
+                                    "gbs": nbytes / ms / 1e6, "max_err": err})
+        ok = [c for c in case["configs"] if "us" in c]
+        best = min(ok, key=lambda c: c["us"])
+        dflt = next((c for c in ok if (c["splits"], c["block_n"], c["warps"], c["stages"])
+                     == (case["default_splits"], 64, 4, 2)), None)
+        case["best"], case["default"] = best, dflt
+        res["cases"].append(case)
+        print(f"rows {rows} ctx {ctx}: copy {copy_gbs:.0f} GB/s | default {dflt and round(dflt['gbs'])} GB/s "
+              f"({dflt and round(dflt['us'])} us) | best {best['gbs']:.0f} GB/s ({best['us']:.0f} us) "
+              f"splits {best['splits']} block_n {best['block_n']} warps {best['warps']} stages {best['stages']}",
+              flush=True)
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.out).write_text(json.dumps(res, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
