@@ -180,6 +180,11 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(self.dh, args.rms_norm_eps)
 
     def forward(self, x, rope: tuple[torch.Tensor, torch.Tensor], attn) -> torch.Tensor:
+        o = attn(self.layer_idx, *self.qkv(x, rope))
+        return self.o_proj(o.reshape(x.shape[0], self.hq * self.dh))
+
+    def qkv(self, x, rope: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q [T, Hq, Dh], k and v [T, Hkv, Dh]: projections, q/k-norm and RoPE (what attention backends get)."""
         t = x.shape[0]
         if hasattr(self, "qkv_proj"):  # fused (engine/fusion.py): column slices of one output: views, no copies
             q, k, v = self.qkv_proj(x).split([self.hq * self.dh, self.hkv * self.dh, self.hkv * self.dh], -1)
@@ -190,9 +195,7 @@ class Attention(nn.Module):
             v = self.v_proj(x).view(t, self.hkv, self.dh)
         if hasattr(self, "q_norm"):
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        o = attn(self.layer_idx, q, k, v)
-        return self.o_proj(o.reshape(t, self.hq * self.dh))
+        return apply_rope(q, *rope), apply_rope(k, *rope), v
 
 
 class MLP(nn.Module):
@@ -217,7 +220,16 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
 
     def forward(self, x, rope, attn):
-        x = x + self.self_attn(self.input_layernorm(x), rope, attn)
+        q, k, v = self.attention_inputs(x, rope)
+        return self.attention_output_mlp(x, attn(self.self_attn.layer_idx, q, k, v))
+
+    # The layer in two halves around the attention call: the learner compiles each half (norms, RoPE,
+    # SwiGLU and residuals fuse) and calls the attention backend, which is not traced, in between.
+    def attention_inputs(self, x, rope):
+        return self.self_attn.qkv(self.input_layernorm(x), rope)
+
+    def attention_output_mlp(self, x, o):
+        x = x + self.self_attn.o_proj(o.reshape(x.shape[0], -1))
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -237,7 +249,8 @@ class CausalLM(nn.Module):
         super().__init__()
         self.args = args
         self.model = Decoder(args)
-        self.gradient_checkpointing = False  # learner: recompute each layer in backward
+        # learner: recompute layers in backward; True: all, or a collection of layer indices
+        self.gradient_checkpointing: bool | frozenset[int] = False
         if not args.tie_word_embeddings:
             self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
         else:  # tied: no lm_head parameter; accept (and drop) the duplicate key HF state dicts carry
@@ -253,8 +266,9 @@ class CausalLM(nn.Module):
         m = self.model
         x = m.embed_tokens(input_ids)
         rope = m.rotary_emb.cos_sin(positions, x.dtype)
-        for layer in m.layers:
-            if self.gradient_checkpointing and torch.is_grad_enabled():
+        ckpt = self.gradient_checkpointing if torch.is_grad_enabled() else False
+        for i, layer in enumerate(m.layers):
+            if ckpt is True or (ckpt and i in ckpt):
                 x = checkpoint(layer, x, rope, attn, use_reentrant=False)
             else:
                 x = layer(x, rope, attn)

@@ -114,7 +114,9 @@ class LearnerConfig(Section):
     grad_clip: PosFloat = 1.0
     micro_batch_tokens: Pos = 4096
     streaming: bool = True  # accumulate group by group while rollouts still run
-    activation_checkpointing: bool = False
+    activation_checkpointing: bool = False  # recompute layers in backward instead of keeping their activations
+    checkpoint_layers: Annotated[int, msgspec.Meta(ge=-1)] = -1  # how many layers (the first k) recompute; -1: all
+    compile: bool | Literal["auto"] = "auto"  # torch.compile each decoder layer around attention; auto: on CUDA
     num_gpus: Annotated[float, msgspec.Meta(ge=0.0)] = 0.0
     num_cpus: Annotated[float, msgspec.Meta(gt=0.0)] = 1.0
     fsdp: bool = False
@@ -123,7 +125,9 @@ class LearnerConfig(Section):
     overlong_buffer: NonNeg = 0
     overlong_penalty: Annotated[float, msgspec.Meta(ge=0.0)] = 1.0
     overlong_max_tokens: NonNeg = 0  # DAPO's L_max (response tokens, all branches); needed if overlong_buffer > 0
-    mixed_precision: Literal["auto", "bf16", "off"] = "auto"  # auto: bf16 autocast on CUDA (fp32 master weights)
+    # bf16: a bf16 compute copy of the fp32 master weights (cast once per step, fp32 gradients and AdamW state);
+    # autocast: fp32 weights under torch.autocast (casts every op; what FSDP uses); auto: bf16 on CUDA, off on CPU
+    mixed_precision: Literal["auto", "bf16", "autocast", "off"] = "auto"
     sft_epochs: Pos = 1
     sft_lr: PosFloat = 1e-3
     sft_batch_size: Pos = 16

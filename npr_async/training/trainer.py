@@ -14,14 +14,14 @@ from typing import Sequence
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.utils.checkpoint import checkpoint
 
 from engine.attention import sdpa
+from npr_async.training.forward import TrainingForward, checkpointed_layers, resolve_compile
+from npr_async.training.logprobs import token_logprobs
 from npr_async.training.losses import Loss, Totals, get_loss
 from npr_async.training.optim import build_optimizer, build_schedule
 from npr_async.training.packing import MicroBatch, Sample, pack
-
-LOGIT_CHUNK = 4096  # rows of [n, vocab] logits alive at once (151k vocab × 4096 × 4 B = 2.5 GB)
+from npr_async.training.precision import ComputeCopy, resolve_precision
 
 
 class PackedMaskedAttention:
@@ -45,28 +45,21 @@ def attention_for(mb: MicroBatch, device: torch.device):
     return PackedMaskedAttention(mb)
 
 
-def token_logprobs(model, hidden: torch.Tensor, targets: torch.Tensor, chunk: int = LOGIT_CHUNK) -> torch.Tensor:
-    """log softmax(logits(hidden))[target] per row, in float32; logits exist one chunk at a time."""
-    def one(h, t):
-        logits = model.compute_logits(h).float()
-        return logits.gather(-1, t[:, None])[:, 0] - logits.logsumexp(-1)
-
-    if hidden.shape[0] <= chunk:
-        return one(hidden, targets)
-    # recompute each chunk's logits in backward instead of keeping them all
-    parts = [checkpoint(one, hidden[i:i + chunk], targets[i:i + chunk], use_reentrant=False)
-             if torch.is_grad_enabled() else one(hidden[i:i + chunk], targets[i:i + chunk])
-             for i in range(0, hidden.shape[0], chunk)]
-    return torch.cat(parts)
-
-
-def microbatch_logprobs(model, mb: MicroBatch, device, autocast: bool = False) -> torch.Tensor:
-    """Logprob of every target token of `mb` (flat order of `mb.target_index`), scored at its predecessor."""
+def microbatch_logprobs(model, mb: MicroBatch, device, autocast: bool = False,
+                        forward: TrainingForward | None = None) -> torch.Tensor:
+    """Logprob of every target token of `mb` (flat order of `mb.target_index`), scored at its predecessor.
+    `forward` runs the layers (compiled, selectively checkpointed); None: the model's own forward."""
     mb = mb.to(device)
     ctx = torch.autocast(device.type, dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
     with ctx:
-        hidden = model(mb.input_ids, mb.positions, attention_for(mb, device))
-        return token_logprobs(model, hidden[mb.pred_index], mb.targets)
+        attn = attention_for(mb, device)
+        hidden = (forward or _plain)(model, mb.input_ids, mb.positions, attn)
+        return token_logprobs(hidden[mb.pred_index], model.head_weight, mb.targets,
+                              compiled=forward is not None and forward.compiled)
+
+
+def _plain(model, input_ids, positions, attn):
+    return model(input_ids, positions, attn)
 
 
 @torch.no_grad()
@@ -105,17 +98,21 @@ class Trainer:
         self.model_dir = model_dir  # config.json + tokenizer files are copied from here into checkpoints
         self.device = next(model.parameters()).device
         self.loss = loss if isinstance(loss, Loss) else get_loss(loss or cfg.loss, cfg)
-        mp = cfg.mixed_precision
-        self.autocast = mp == "bf16" or (mp == "auto" and self.device.type == "cuda")
-        if cfg.activation_checkpointing:
-            model.gradient_checkpointing = True
-        if cfg.fsdp:
+        self.precision = resolve_precision(cfg.mixed_precision, self.device, cfg.fsdp)
+        recompute = checkpointed_layers(model.args.num_layers, cfg.activation_checkpointing, cfg.checkpoint_layers)
+        compiled = resolve_compile(cfg.compile, self.device, cfg.fsdp)
+        self.forward = TrainingForward(model.args.num_layers, compiled=compiled, checkpoint_layers=recompute)
+        if cfg.fsdp:  # FSDP's unshard hooks run in the modules' __call__: the model's own forward
             from npr_async.training.fsdp import shard_model
 
+            model.gradient_checkpointing = recompute
+            self.forward = None
             shard_model(model)
         elif _world() > 1:
             raise ValueError("a learner over several ranks needs learner.fsdp=true")
-        self.model = model
+        self.model = model  # the fp32 master weights: optimizer, checkpoints, weight broadcast
+        # bf16: forward/backward run on a bf16 copy whose gradients accumulate into the masters' fp32 .grad
+        self.compute = ComputeCopy(model) if self.precision == "bf16" else None
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = build_optimizer(self.params, lr or cfg.lr, cfg.weight_decay)
         self.scheduler = build_schedule(self.optimizer, schedule or cfg.schedule,
@@ -136,9 +133,10 @@ class Trainer:
         return kept
 
     def _backward(self, samples: list[Sample], scale: float) -> None:
-        self.model.train()
+        model = self.compute.model if self.compute is not None else self.model
+        model.train()
         for mb in pack(samples, self.cfg.micro_batch_tokens):
-            lp = microbatch_logprobs(self.model, mb, self.device, self.autocast)
+            lp = microbatch_logprobs(model, mb, self.device, self.precision == "autocast", self.forward)
             old = np.concatenate([s.old_logprobs[s.loss_mask] if s.old_logprobs is not None
                                   else np.zeros(int(s.loss_mask.sum()), np.float32) for s in mb.samples])
             coef = torch.tensor([s.meta["coef"] for s in mb.samples], dtype=torch.float32)
@@ -166,9 +164,7 @@ class Trainer:
         totals = self._global_totals()
         scale = self.loss.scale(totals) if totals.num_sequences else 0.0
         grad_scale = scale * (_world() if self.cfg.fsdp else 1)  # FSDP averages over ranks; we want the sum
-        for p in self.params:
-            if p.grad is not None:
-                p.grad.mul_(grad_scale)
+        torch._foreach_mul_([p.grad for p in self.params if p.grad is not None], grad_scale)
         return totals, scale
 
     def finish_step(self) -> dict:
@@ -229,6 +225,8 @@ class Trainer:
             metrics["grad_norm"] = float(norm)
             if math.isfinite(metrics["grad_norm"]):
                 self.optimizer.step()
+                if self.compute is not None:
+                    self.compute.refresh()
             else:
                 metrics["skipped_nonfinite"] = True
         self.optimizer.zero_grad(set_to_none=True)
@@ -252,3 +250,5 @@ class Trainer:
         from npr_async.training.checkpoint import load_checkpoint
 
         load_checkpoint(self, ckpt_dir)
+        if self.compute is not None:
+            self.compute.refresh()
