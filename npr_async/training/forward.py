@@ -33,6 +33,19 @@ def _compiled_half(fn):
     return _compiled[fn]
 
 
+def compiled_versions() -> dict[str, int]:
+    """How many compiled versions each compiled learner function holds: 1 each when no micro-batch length,
+    layer or chunk size caused a recompile (0: not compiled yet; empty dict if torch cannot tell)."""
+    from npr_async.training import logprobs
+
+    try:
+        from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+    except ImportError:
+        return {}
+    fns = (_attention_inputs, _attention_output_mlp, logprobs._lse_and_target, logprobs._logits_grad)
+    return {f.__name__.strip("_"): len(_debug_get_cache_entry_list(f.__code__)) for f in fns}
+
+
 def checkpointed_layers(num_layers: int, enabled: bool, count: int) -> frozenset[int]:
     """Indices of the layers to recompute: none when off, else the first `count` (-1: all)."""
     if count < -1:

@@ -37,25 +37,34 @@ def _kernel(fn, compiled: bool):
     return _compiled[fn]
 
 
-def _dynamic_rows(*tensors: torch.Tensor) -> None:
-    """The last chunk is shorter: compile for any row count once instead of once per count."""
+def _chunks(n: int, chunk: int) -> list[tuple[int, int]]:
+    """[a, b) row ranges; a one-row remainder joins the chunk before it (a one-row chunk would make the
+    compiler specialise on size 1 and compile a second version)."""
+    starts = list(range(0, n, chunk))
+    if len(starts) > 1 and n - starts[-1] == 1:
+        starts.pop()
+    return list(zip(starts, starts[1:] + [n]))
+
+
+def _prepare(fn, compiled: bool, *tensors: torch.Tensor):
+    """The kernel for these rows; compiled kernels take any row count (>= 2) with one compilation."""
+    if not compiled or tensors[0].shape[0] < 2:
+        return fn
     for t in tensors:
         torch._dynamo.maybe_mark_dynamic(t, 0)
+    return _kernel(fn, True)
 
 
 class _ChunkedLogprob(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, targets, chunk: int, compiled: bool):
-        lse_target = _kernel(_lse_and_target, compiled)
         n = hidden.shape[0]
         lse = torch.empty(n, dtype=torch.float32, device=hidden.device)
         out = torch.empty(n, dtype=torch.float32, device=hidden.device)
-        for a in range(0, n, chunk):
-            logits, t = hidden[a:a + chunk] @ weight.T, targets[a:a + chunk]
-            if compiled:
-                _dynamic_rows(logits, t)
-            lse[a:a + chunk], target_logit = lse_target(logits, t)
-            out[a:a + chunk] = target_logit - lse[a:a + chunk]
+        for a, b in _chunks(n, chunk):
+            logits, t = hidden[a:b] @ weight.T, targets[a:b]
+            lse[a:b], target_logit = _prepare(_lse_and_target, compiled, logits, t)(logits, t)
+            out[a:b] = target_logit - lse[a:b]
         ctx.save_for_backward(hidden, weight, targets, lse)
         ctx.chunk, ctx.compiled = chunk, compiled
         return out
@@ -63,20 +72,17 @@ class _ChunkedLogprob(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         hidden, weight, targets, lse = ctx.saved_tensors
-        logits_grad = _kernel(_logits_grad, ctx.compiled)
         need_h, need_w = ctx.needs_input_grad[:2]
         grad_h = torch.empty_like(hidden) if need_h else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
-        grad_out = grad_out.float()
-        for a in range(0, hidden.shape[0], ctx.chunk):
-            h = hidden[a:a + ctx.chunk]
-            args = (h @ weight.T, targets[a:a + ctx.chunk], lse[a:a + ctx.chunk], grad_out[a:a + ctx.chunk])
-            if ctx.compiled:
-                _dynamic_rows(*args)
-            gz = logits_grad(*args)  # [chunk, V] in the compute dtype
+        grad_out = grad_out.float().contiguous()  # one stride layout for the compiled kernel
+        for a, b in _chunks(hidden.shape[0], ctx.chunk):
+            h = hidden[a:b]
+            args = (h @ weight.T, targets[a:b], lse[a:b], grad_out[a:b])
+            gz = _prepare(_logits_grad, ctx.compiled, *args)(*args)  # [rows, V] in the compute dtype
             del args
             if need_h:
-                grad_h[a:a + ctx.chunk] = gz @ weight
+                grad_h[a:b] = gz @ weight
             if need_w:
                 if gz.dtype == grad_w.dtype:
                     grad_w.addmm_(gz.T, h)
@@ -86,11 +92,12 @@ class _ChunkedLogprob(torch.autograd.Function):
 
 
 def token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
-                   chunk: int = LOGIT_CHUNK, compiled: bool = False) -> torch.Tensor:
+                   chunk: int | None = None, compiled: bool = False) -> torch.Tensor:
     """float32 [n]: log softmax(hidden @ weight^T)[targets], differentiable in hidden and weight.
 
     Under torch.autocast the two inputs are cast once here (autograd-tracked, so fp32 weights still get
     fp32 gradients) instead of once per chunk and again in backward."""
+    chunk = LOGIT_CHUNK if chunk is None else chunk
     if chunk < 1:
         raise ValueError(f"chunk must be >= 1, got {chunk}")
     if hidden.shape[0] != targets.shape[0]:
