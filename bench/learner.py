@@ -1,18 +1,27 @@
-"""Learner benchmark: tokens/s and MFU of one PAPO step, flex BlockMask vs a dense mask (time, peak memory).
+"""Learner benchmark: tokens/s and MFU of one PAPO step in several configurations, plus attention alone.
 
     python3 bench/learner.py --out $OUT/learner.json            # Qwen3-4B shape, 16k tokens, 4-branch trees, GPU
     python3 bench/learner.py --tiny --out /tmp/learner.json     # CPU smoke run of the same code
 
 A step = streamed accumulation of one group of tree trajectories (prompt, guideline, `--branches` parallel
-steps, takeaway) + gradient scaling, clipping and the AdamW step, with fp32 master weights and bf16 autocast.
+steps, takeaway) + gradient scaling, clipping and the AdamW step, with fp32 master weights and AdamW state.
 Model FLOPs (for MFU) = 6 · matmul params · tokens + 12 · layers · heads · head_dim · visible (q, k) pairs;
-recomputation under activation checkpointing is not counted. An attention-only forward+backward isolates
-the mask: the same 16k-token layer with the flex BlockMask and with SDPA under a dense boolean mask.
+recomputation under activation checkpointing is not counted (`hfu` counts it). An attention-only
+forward+backward isolates the mask: one 16k-token layer with the flex BlockMask and with a dense bool mask.
+
+`--variants` compares configurations in one run: a comma-separated list, each `+`-joined from
+  attention  flex (the trainer's own: a BlockMask on GPU, SDPA per sample on CPU) | dense (one L×L mask)
+  layers     eager | compile (learner.compile)
+  precision  bf16 (compute copy) | autocast | fp32 (learner.mixed_precision bf16 / autocast / off)
+  ckpt=      all | none | K (activation checkpointing of the first K layers)
+e.g. `flex+eager+autocast+ckpt=all,flex+compile+bf16+ckpt=8`. Omitted parts: flex, compile on CUDA,
+bf16 on CUDA (fp32 on CPU), ckpt=all. A variant that runs out of memory is reported as an error.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import json
 import sys
 import time
@@ -28,6 +37,7 @@ from engine.model import CausalLM, ModelArgs  # noqa: E402
 from npr_async.config import LearnerConfig  # noqa: E402
 from npr_async.messages import Trajectory  # noqa: E402
 from npr_async.training import trainer as trainer_mod  # noqa: E402
+from npr_async.training.forward import compiled_versions  # noqa: E402
 from npr_async.training.packing import collate, Sample  # noqa: E402
 
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
@@ -94,18 +104,48 @@ def _profiler(args, device, last: bool):
     return torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA])
 
 
-def papo_step(args, margs, trajs, attn: str, device) -> dict:
+def parse_variant(spec: str, device) -> dict:
+    """`flex+compile+bf16+ckpt=8` -> the variant's attention and LearnerConfig overrides."""
+    cuda = device.type == "cuda"
+    v = {"attn": "flex", "compile": cuda, "precision": "bf16" if cuda else "fp32", "ckpt": "all"}
+    for part in filter(None, spec.split("+")):
+        if part in ("flex", "dense"):
+            v["attn"] = part
+        elif part in ("eager", "compile"):
+            v["compile"] = part == "compile"
+        elif part in PRECISION:
+            v["precision"] = part
+        elif part.startswith("ckpt=") and (part[5:] in ("all", "none") or part[5:].isdigit()):
+            v["ckpt"] = part[5:]
+        else:
+            raise SystemExit(f"--variants {spec!r}: unknown part {part!r} (flex|dense, eager|compile, "
+                             f"bf16|autocast|fp32, ckpt=all|none|K)")
+    return v
+
+
+PRECISION = {"bf16": "bf16", "autocast": "autocast", "fp32": "off"}
+
+
+def learner_config(args, v: dict) -> LearnerConfig:
+    ckpt = v["ckpt"]
+    return LearnerConfig(loss="papo", lr=1e-7, micro_batch_tokens=args.tokens, compile=v["compile"],
+                         mixed_precision=PRECISION[v["precision"]], activation_checkpointing=ckpt != "none",
+                         checkpoint_layers=-1 if ckpt in ("all", "none") else int(ckpt))
+
+
+def papo_step(args, margs, trajs, v: dict, device) -> dict:
     orig = trainer_mod.attention_for
-    if attn == "dense":
+    if v["attn"] == "dense":
         trainer_mod.attention_for = dense_attention
-    model = build_model(margs, device)
-    cfg = LearnerConfig(loss="papo", lr=1e-7, micro_batch_tokens=args.tokens,
-                        activation_checkpointing=not args.no_checkpointing,
-                        mixed_precision="bf16" if device.type == "cuda" else "off")
-    tr = trainer_mod.Trainer(model, cfg)
-    rewards = [1.0 if i % 2 == 0 else -1.0 for i in range(len(trajs))]
-    times = []
+    model = tr = None
+    before = compiled_versions()
+    out = {}
     try:
+        model = build_model(margs, device)
+        tr = trainer_mod.Trainer(model, learner_config(args, v))
+        out["checkpointed_layers"] = len(tr.forward.checkpoint_layers)
+        rewards = [1.0 if i % 2 == 0 else -1.0 for i in range(len(trajs))]
+        times = []
         for i in range(args.warmup + args.steps):
             if i == args.warmup and device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats()
@@ -117,19 +157,22 @@ def papo_step(args, margs, trajs, attn: str, device) -> dict:
                 tr.finish_step()
                 sync(device)
             if prof is not _NO_PROFILE:
-                print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=30), flush=True)
-            if i >= args.warmup:
-                times.append(time.perf_counter() - t0)
-        out = {"step_s": float(np.median(times)), "steps": len(times)}
+                print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=60),
+                      flush=True)
+            (times.append if i >= args.warmup else out.setdefault("warmup_s", []).append)(time.perf_counter() - t0)
+        out.update(step_s=float(np.median(times)), steps=len(times))
         if device.type == "cuda":
             out["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
     except torch.cuda.OutOfMemoryError as e:
-        out = {"error": f"OOM: {str(e)[:200]}"}
+        out["error"] = f"OOM: {str(e)[:200]}"
     finally:
         trainer_mod.attention_for = orig
         del tr, model
+        gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
+    after = compiled_versions()
+    out["new_compiled_versions"] = {k: n - before.get(k, 0) for k, n in after.items() if n > before.get(k, 0)}
     return out
 
 
@@ -183,9 +226,11 @@ def main() -> int:
     ap.add_argument("--branches", type=int, default=4)
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=1)
-    ap.add_argument("--attn", default="flex,dense", help="step variants: flex,dense")
-    ap.add_argument("--no-checkpointing", action="store_true")
-    ap.add_argument("--profile", action="store_true", help="print the top GPU kernels of the last step")
+    ap.add_argument("--variants", default="", help="configurations to compare (see the module docstring)")
+    ap.add_argument("--attn", default="flex,dense", help="without --variants: one variant per attention")
+    ap.add_argument("--no-checkpointing", action="store_true", help="without --variants: ckpt=none")
+    ap.add_argument("--no-attention-only", action="store_true", help="skip the attention-only comparison")
+    ap.add_argument("--profile", action="store_true", help="print the top GPU kernels of each variant's last step")
     ap.add_argument("--peak-tflops", type=float, default=0.0, help="bf16 peak (default: from the GPU name)")
     args = ap.parse_args()
     if args.tiny:
@@ -195,26 +240,32 @@ def main() -> int:
     trajs = [tree_trajectory(args.traj_tokens, args.branches, margs.vocab_size, s)
              for s in range(args.tokens // args.traj_tokens)]
     tokens = sum(len(t) for t in trajs)
-    matmul_params = margs.num_layers * (margs.hidden_size * margs.head_dim * (2 * margs.num_heads + 2 * margs.num_kv_heads)
-                                        + 3 * margs.hidden_size * margs.intermediate_size) + margs.hidden_size * margs.vocab_size
+    layer_params = margs.hidden_size * margs.head_dim * (2 * margs.num_heads + 2 * margs.num_kv_heads) \
+        + 3 * margs.hidden_size * margs.intermediate_size
+    matmul_params = margs.num_layers * layer_params + margs.hidden_size * margs.vocab_size
     pairs = visible_pairs(trajs)
-    flops = 6 * matmul_params * tokens + 12 * margs.num_layers * margs.num_heads * margs.head_dim * pairs
+    attn_flops = 4 * margs.num_heads * margs.head_dim * pairs  # one layer's attention forward
+    flops = 6 * matmul_params * tokens + 3 * margs.num_layers * attn_flops
     gpu = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     peak = args.peak_tflops * 1e12 or next((v for k, v in PEAK_BF16.items() if k in gpu), 0.0)
     result = {"device": gpu, "torch": torch.__version__, "tokens": tokens, "trajectories": len(trajs),
-              "branches": args.branches, "model_flops_per_step": flops, "visible_pairs": pairs,
-              "activation_checkpointing": not args.no_checkpointing, "steps": {}}
-    variants = [a for a in args.attn.split(",") if a] if device.type == "cuda" else ["cpu", "dense"]
-    for attn in variants:
-        r = papo_step(args, margs, trajs, attn, device)
+              "branches": args.branches, "model_flops_per_step": flops, "visible_pairs": pairs, "steps": {}}
+    specs = [s for s in args.variants.split(",") if s] or [
+        f"{a}{'+ckpt=none' if args.no_checkpointing else ''}" for a in args.attn.split(",") if a]
+    for spec in specs:
+        v = parse_variant(spec, device)
+        r = {"variant": v, **papo_step(args, margs, trajs, v, device)}
         if "step_s" in r:
             r["tokens_per_s"] = tokens / r["step_s"]
-            if peak:
+            if peak:  # hfu also counts the forward recomputed in checkpointed layers
                 r["mfu"] = flops / r["step_s"] / peak
-        result["steps"][attn] = r
-        print(attn, json.dumps(r), flush=True)
-    result["attention_only"] = attention_only(args, margs, trajs, device)
-    print("attention_only", json.dumps(result["attention_only"]), flush=True)
+                recompute = r["checkpointed_layers"] * (2 * layer_params * tokens + attn_flops)
+                r["hfu"] = (flops + recompute) / r["step_s"] / peak
+        result["steps"][spec] = r
+        print(spec, json.dumps(r), flush=True)
+    if not args.no_attention_only:
+        result["attention_only"] = attention_only(args, margs, trajs, device)
+        print("attention_only", json.dumps(result["attention_only"]), flush=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     return 0
