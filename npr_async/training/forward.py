@@ -13,6 +13,7 @@ Activation checkpointing recomputes the first `checkpoint_layers` layers in back
 from __future__ import annotations
 
 import torch
+import torch._functorch.config  # noqa: F401  (partitioner options, `_partitioner_options`)
 from torch.utils.checkpoint import checkpoint
 
 
@@ -25,6 +26,14 @@ def _attention_output_mlp(layer, x, o):
 
 
 _compiled: dict = {}
+
+
+def _partitioner_options() -> dict:
+    """Let the compiler recompute pointwise results (the normed inputs, silu(gate)·up) in backward even where
+    backward must materialise them: 12k fewer saved values per token and layer on the Qwen3-4B shape (~14 GB
+    at 16k tokens) for one cheap pointwise kernel each. Read when the halves compile (their first call)."""
+    cfg = torch._functorch.config
+    return {"ban_recompute_materialized_backward": False} if hasattr(cfg, "ban_recompute_materialized_backward") else {}
 
 
 def _compiled_half(fn):
@@ -78,14 +87,17 @@ class TrainingForward:
             raise ValueError(f"checkpoint layers {bad} outside 0..{num_layers - 1}")
         self.pre = _compiled_half(_attention_inputs) if compiled else _attention_inputs
         self.post = _compiled_half(_attention_output_mlp) if compiled else _attention_output_mlp
+        self.partitioner = _partitioner_options() if compiled else {}
 
     def layer(self, layer, x, cos, sin, attn):
         if not self.compiled:  # the module's own __call__ (keeps FSDP's hooks)
             return layer(x, (cos, sin), attn)
-        q, k, v = self.pre(layer, x, cos, sin)
+        with torch._functorch.config.patch(self.partitioner):
+            q, k, v = self.pre(layer, x, cos, sin)
         o = attn(layer.self_attn.layer_idx, q, k, v)
         torch._dynamo.maybe_mark_dynamic(o, 0)
-        return self.post(layer, x, o)
+        with torch._functorch.config.patch(self.partitioner):
+            return self.post(layer, x, o)
 
     def __call__(self, model, input_ids: torch.Tensor, positions: torch.Tensor, attn) -> torch.Tensor:
         if input_ids.dim() != 1 or positions.shape != input_ids.shape:
