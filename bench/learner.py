@@ -4,18 +4,12 @@
     python3 bench/learner.py --tiny --out /tmp/learner.json     # CPU smoke run of the same code
 
 A step = streamed accumulation of one group of tree trajectories (prompt, guideline, `--branches` parallel
-steps, takeaway) + gradient scaling, clipping and the AdamW step, with fp32 master weights and AdamW state.
-Model FLOPs (for MFU) = 6 · matmul params · tokens + 12 · layers · heads · head_dim · visible (q, k) pairs;
-recomputation under activation checkpointing is not counted (`hfu` counts it). An attention-only
-forward+backward isolates the mask: one 16k-token layer with the flex BlockMask and with a dense bool mask.
-
-`--variants` compares configurations in one run: a comma-separated list, each `+`-joined from
-  attention  flex (the trainer's own: a BlockMask on GPU, SDPA per sample on CPU) | dense (one L×L mask)
-  layers     eager | compile (learner.compile)
-  precision  bf16 (compute copy) | autocast | fp32 (learner.mixed_precision bf16 / autocast / off)
-  ckpt=      all | none | K (activation checkpointing of the first K layers)
-e.g. `flex+eager+autocast+ckpt=all,flex+compile+bf16+ckpt=8`. Omitted parts: flex, compile on CUDA,
-bf16 on CUDA (fp32 on CPU), ckpt=all. A variant that runs out of memory is reported as an error.
+steps, takeaway) + gradient scaling, clipping and AdamW, with fp32 master weights and AdamW state. MFU counts
+6 · matmul params · tokens + 12 · layers · heads · head_dim · visible (q, k) pairs, not the recompute of
+checkpointed layers (`hfu` counts it). Attention alone: one 16k-token layer, flex BlockMask vs a dense mask.
+`--variants`: a comma-separated list, each `+`-joined from flex|dense (attention: the trainer's own, a BlockMask
+on GPU, or one L×L mask), eager|compile, bf16|autocast|fp32 (learner.mixed_precision bf16|autocast|off) and
+ckpt=all|none|K (checkpoint the first K layers); omitted: flex, compile and bf16 on CUDA, ckpt=all.
 """
 from __future__ import annotations
 
@@ -157,8 +151,8 @@ def papo_step(args, margs, trajs, v: dict, device) -> dict:
                 tr.finish_step()
                 sync(device)
             if prof is not _NO_PROFILE:
-                print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=60),
-                      flush=True)
+                out["profile"] = prof.key_averages().table(sort_by="cuda_time_total", row_limit=25,
+                                                           max_name_column_width=60)
             (times.append if i >= args.warmup else out.setdefault("warmup_s", []).append)(time.perf_counter() - t0)
         out.update(step_s=float(np.median(times)), steps=len(times))
         if device.type == "cuda":
@@ -230,7 +224,8 @@ def main() -> int:
     ap.add_argument("--attn", default="flex,dense", help="without --variants: one variant per attention")
     ap.add_argument("--no-checkpointing", action="store_true", help="without --variants: ckpt=none")
     ap.add_argument("--no-attention-only", action="store_true", help="skip the attention-only comparison")
-    ap.add_argument("--profile", action="store_true", help="print the top GPU kernels of each variant's last step")
+    ap.add_argument("--profile", action="store_true",
+                    help="top GPU kernels of each variant's last step: printed and saved next to --out")
     ap.add_argument("--peak-tflops", type=float, default=0.0, help="bf16 peak (default: from the GPU name)")
     args = ap.parse_args()
     if args.tiny:
@@ -261,6 +256,12 @@ def main() -> int:
                 r["mfu"] = flops / r["step_s"] / peak
                 recompute = r["checkpointed_layers"] * (2 * layer_params * tokens + attn_flops)
                 r["hfu"] = (flops + recompute) / r["step_s"] / peak
+        profile = r.pop("profile", None)
+        if profile:  # next to --out, one file per variant, the variant on the first line
+            path = Path(args.out).with_name(f"{Path(args.out).stem}_profile_{len(result['steps'])}.txt")
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(f"{spec}\n{profile}\n")
+            print(f"{spec}: profile in {path}\n{profile}", flush=True)
         result["steps"][spec] = r
         print(spec, json.dumps(r), flush=True)
     if not args.no_attention_only:
