@@ -9,6 +9,7 @@ it writes decodes as `npr_async.messages.WeightsMeta`.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass, field
 from typing import Mapping
@@ -27,6 +28,17 @@ def torch_dtype(name: str) -> torch.dtype:
     if not isinstance(dt, torch.dtype):
         raise ValueError(f"unknown dtype {name!r}")
     return dt
+
+
+def cast_dtype(t: torch.Tensor, dtype: torch.dtype | None) -> torch.dtype:
+    """The dtype `t` is sent as: `dtype` for floating-point tensors when given (fp32 masters → bf16)."""
+    return dtype if dtype is not None and t.is_floating_point() else t.dtype
+
+
+def signature(tensors: Mapping[str, torch.Tensor], dtype: torch.dtype | None = None) -> tuple:
+    """Names, shapes and sent dtypes, in order: equal signatures plan equal layouts (cheap: ~0.1 ms for
+    400 tensors, against ~1 ms to plan and serialise a layout)."""
+    return tuple((n, t.shape, cast_dtype(t, dtype)) for n, t in tensors.items())
 
 
 def named_tensors(obj) -> dict[str, torch.Tensor]:
@@ -76,9 +88,15 @@ class Layout:
     def specs(self) -> dict[str, tuple[tuple[int, ...], str]]:
         return {n: (s, b.dtype) for b in self.buckets for n, s in zip(b.names, b.shapes)}
 
-    def to_json(self) -> bytes:
+    def key(self) -> str:
+        """Names the layout whatever the version and round: what later rounds carry instead of the JSON."""
+        body = self.to_json(version=0, round=0)
+        return hashlib.blake2b(body, digest_size=12).hexdigest()
+
+    def to_json(self, version: int | None = None, round: int | None = None) -> bytes:
         return json.dumps({
-            "version": self.version, "round": self.round, "bucket_bytes": self.bucket_bytes,
+            "version": self.version if version is None else version,
+            "round": self.round if round is None else round, "bucket_bytes": self.bucket_bytes,
             "buckets": [{"index": b.index, "dtype": b.dtype, "nbytes": b.nbytes, "names": list(b.names),
                          "shapes": [list(s) for s in b.shapes], "offsets": list(b.offsets)}
                         for b in self.buckets]}).encode()
@@ -91,17 +109,21 @@ class Layout:
                    tuple(b["offsets"])) for b in d["buckets"]])
 
 
-def plan(tensors: Mapping[str, torch.Tensor], bucket_bytes: int, version: int = 0, round: int = 0) -> Layout:
-    """Group by dtype (first-seen order), then fill buckets of <= bucket_bytes in the given order."""
+def plan(tensors: Mapping[str, torch.Tensor], bucket_bytes: int, version: int = 0, round: int = 0,
+         dtype: torch.dtype | None = None) -> Layout:
+    """Group by sent dtype (first-seen order), then fill buckets of <= bucket_bytes in the given order.
+    `dtype`: send floating-point tensors as this dtype (packing casts them)."""
+    if bucket_bytes <= 0:
+        raise ValueError(f"bucket_bytes must be > 0, got {bucket_bytes}")
     by_dtype: dict[torch.dtype, list[tuple[str, torch.Tensor]]] = {}
     for name, t in tensors.items():
-        by_dtype.setdefault(t.dtype, []).append((name, t))
+        by_dtype.setdefault(cast_dtype(t, dtype), []).append((name, t))
     buckets: list[Bucket] = []
     for dt, items in by_dtype.items():
         cur: list[tuple[str, tuple[int, ...], int]] = []
         end = 0
         for name, t in items:
-            nb = t.numel() * t.element_size()
+            nb = t.numel() * _itemsize(dt)
             start = -(-end // ALIGN) * ALIGN
             if cur and start + nb > bucket_bytes:
                 buckets.append(_bucket(len(buckets), dt, cur, end))
@@ -111,6 +133,10 @@ def plan(tensors: Mapping[str, torch.Tensor], bucket_bytes: int, version: int = 
         if cur:
             buckets.append(_bucket(len(buckets), dt, cur, end))
     return Layout(version, round, int(bucket_bytes), buckets)
+
+
+def _itemsize(dt: torch.dtype) -> int:
+    return dt.itemsize if hasattr(dt, "itemsize") else torch.empty((), dtype=dt).element_size()
 
 
 def _bucket(index, dt, items, end) -> Bucket:
@@ -146,26 +172,44 @@ def unpack(bucket: Bucket, buf: torch.Tensor, into: Mapping[str, torch.Tensor]) 
         into[name].copy_(view)
 
 
-def direct_view(bucket: Bucket, into: Mapping[str, torch.Tensor]) -> torch.Tensor | None:
-    """A uint8 tensor over the receiver's own parameter storage if it has exactly this bucket's layout
-    (as made by `adopt`), so the broadcast lands in the parameters with no copy; else None."""
-    first = into[bucket.names[0]]
+def direct_view(bucket: Bucket, tensors: Mapping[str, torch.Tensor]) -> torch.Tensor | None:
+    """A uint8 tensor over the tensors' own bytes when they already sit in the bucket's layout, so the
+    broadcast reads (sender) or lands in (receiver) them with no copy; else None. That is the case for a
+    lone-tensor bucket, for a storage made by `adopt`, and for tensors laid out back to back in one storage
+    (fused q/k/v rows): the view never covers a byte that is not one of the bucket's tensors, except the
+    alignment padding of a storage that is exactly the bucket (adopt's)."""
+    first = tensors[bucket.names[0]]
     storage = first.untyped_storage()
-    if storage.nbytes() != bucket.nbytes:
+    sbase, base = storage.data_ptr(), first.data_ptr()
+    if base - sbase + bucket.nbytes > storage.nbytes():
         return None
-    base = storage.data_ptr()
-    for name, off in zip(bucket.names, bucket.offsets):
-        t = into[name]
-        if (not t.is_contiguous() or t.untyped_storage().data_ptr() != base
-                or t.data_ptr() - base != off):
+    exclusive = base == sbase and storage.nbytes() == bucket.nbytes
+    dt = torch_dtype(bucket.dtype)
+    end = 0
+    for name, shape, off in zip(bucket.names, bucket.shapes, bucket.offsets):
+        t = tensors[name]
+        if (t.dtype != dt or t.shape != shape or not t.is_contiguous()
+                or t.untyped_storage().data_ptr() != sbase or t.data_ptr() - base != off
+                or (off != end and not exclusive)):
             return None
-    return torch.empty(0, dtype=torch.uint8, device=first.device).set_(storage, 0, (bucket.nbytes,), (1,))
+        end = off + t.numel() * t.element_size()
+    if end != bucket.nbytes:
+        return None
+    return torch.empty(0, dtype=torch.uint8, device=first.device).set_(storage, base - sbase, (bucket.nbytes,), (1,))
 
 
 @torch.no_grad()
 def adopt(layout: Layout, into: Mapping[str, torch.Tensor]) -> None:
     """Re-home each tensor (in place, same Python object) into one flat storage per bucket, laid out as
-    the sender packs it: later receives then need no copy-out. Do it before capturing CUDA graphs."""
+    the sender packs it: later receives then need no copy-out (on the sender: no packing, when it sends
+    these same tensors in the layout's dtype). Do it before capturing CUDA graphs."""
+    wrong = [f"{n}: {dtype_name(into[n].dtype)} {list(into[n].shape)}, the layout has {dt} {list(shape)}"
+             for n, (shape, dt) in layout.specs().items()
+             if n in into and (dtype_name(into[n].dtype) != dt or tuple(into[n].shape) != shape)]
+    missing = [n for n in layout.specs() if n not in into]
+    if wrong or missing:
+        raise ValueError("adopt: these tensors cannot take the layout's storage: "
+                         + "; ".join(wrong[:5] + [f"{n}: missing" for n in missing[:5]]))
     for b in layout.buckets:
         device = into[b.names[0]].device
         flat = torch.zeros(b.nbytes, dtype=torch.uint8, device=device)
