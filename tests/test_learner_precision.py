@@ -113,3 +113,14 @@ def test_option_resolution_and_errors():
     for bad in ({"compile": "on"}, {"checkpoint_layers": -2}, {"mixed_precision": "fp16"}):
         with pytest.raises(ConfigError, match=f"learner.{next(iter(bad))}"):
             config_from_dict({"learner": bad})
+
+
+@pytest.mark.parametrize("precision", ["off", "bf16"])
+def test_step_with_every_sample_filtered_leaves_weights(precision):
+    tr = Trainer(tiny_model(6), LearnerConfig(loss="papo", lr=1e-2, mixed_precision=precision))
+    before = {n: p.detach().clone() for n, p in tr.model.named_parameters()}
+    trajs = [random_trajectory(50 + i, finish_reason="format_error") for i in range(3)]
+    assert tr.accumulate(trajs, [1.0, -1.0, 0.5]) == 0
+    m = tr.finish_step()
+    assert m["sequences"] == 0 and m["dropped"] == 3 and tr.step == 1
+    assert all(torch.equal(before[n], p) for n, p in tr.model.named_parameters())

@@ -164,7 +164,9 @@ class Trainer:
         totals = self._global_totals()
         scale = self.loss.scale(totals) if totals.num_sequences else 0.0
         grad_scale = scale * (_world() if self.cfg.fsdp else 1)  # FSDP averages over ranks; we want the sum
-        torch._foreach_mul_([p.grad for p in self.params if p.grad is not None], grad_scale)
+        grads = [p.grad for p in self.params if p.grad is not None]
+        if grads:  # one foreach launch instead of one multiply per parameter
+            torch._foreach_mul_(grads, grad_scale)
         return totals, scale
 
     def finish_step(self) -> dict:
