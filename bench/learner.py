@@ -225,7 +225,7 @@ def main() -> int:
     ap.add_argument("--no-checkpointing", action="store_true", help="without --variants: ckpt=none")
     ap.add_argument("--no-attention-only", action="store_true", help="skip the attention-only comparison")
     ap.add_argument("--profile", action="store_true",
-                    help="top GPU kernels of each variant's last step: printed and saved next to --out")
+                    help="top GPU kernels of each variant's last step, saved next to --out")
     ap.add_argument("--peak-tflops", type=float, default=0.0, help="bf16 peak (default: from the GPU name)")
     args = ap.parse_args()
     if args.tiny:
@@ -261,7 +261,7 @@ def main() -> int:
             path = Path(args.out).with_name(f"{Path(args.out).stem}_profile_{len(result['steps'])}.txt")
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(f"{spec}\n{profile}\n")
-            print(f"{spec}: profile in {path}\n{profile}", flush=True)
+            print(f"{spec}: profile in {path}", flush=True)
         result["steps"][spec] = r
         print(spec, json.dumps(r), flush=True)
     if not args.no_attention_only:
