@@ -33,8 +33,8 @@ class ComputeCopy:
         device = next(master.parameters()).device
         with torch.device("meta"):
             model = type(master)(master.args)
-        # to_empty then .to(dtype): non-parameter state (the RoPE table) is rebuilt in fp32 by the model
-        self.model = model.to_empty(device=device).to(dtype).train()
+        # cast on the meta device, then allocate: no fp32 copy on the way; the RoPE table is rebuilt in fp32
+        self.model = model.to(dtype).to_empty(device=device).train()
         mine, theirs = dict(self.model.named_parameters()), dict(master.named_parameters())
         if mine.keys() != theirs.keys():
             raise ValueError(f"compute copy parameters differ from the master's: {sorted(mine.keys() ^ theirs.keys())}")
