@@ -121,7 +121,8 @@ def nccl_worker(rank: int, world: int, port: int, args, result_file: str) -> Non
                     "s": s, "GBps": total / 1e9 / s, "ratio": res["raw_s"] / s, "all_s": times,
                     "bitwise_equal": all(g["sums"] == got[0]["sums"] for g in got[1:]),
                     "buckets": len(ep.layout.buckets), "sender_ms": got[0]["timings"],
-                    "receiver_ms": [g["timings"] for g in got[1:]], "direct_buckets": [g["direct"] for g in got[1:]]}
+                    "receiver_ms": [g["timings"] for g in got[1:]], "sender_direct_buckets": got[0]["direct"],
+                    "direct_buckets": [g["direct"] for g in got[1:]]}
     if rank == 0:
         res.update(world=world, receivers=world - 1, gpu=torch.cuda.get_device_name(dev), torch=torch.__version__,
                    nccl=nccl.get_version(), model="Qwen3-4B shape, bf16", bytes=total, tensors=len(shapes),
@@ -138,7 +139,8 @@ def summary(res: dict) -> str:
         t = m["sender_ms"]
         lines.append(f"  {name:22s} {m['s'] * 1e3:6.1f} ms {m['GBps']:5.0f} GB/s  ours/raw {m['ratio']:.3f}  "
                      f"bitwise {m['bitwise_equal']}  | handshake {t.get('handshake_ms', 0):.2f} ms, first pack "
-                     f"{t.get('first_pack_ms', 0):.2f} ms, broadcast {t.get('broadcast_ms', 0):.1f} ms (GPU)")
+                     f"{t.get('first_pack_ms', 0):.2f} ms, broadcast {t.get('broadcast_ms', 0):.1f} ms (GPU), "
+                     f"direct buckets {m['sender_direct_buckets']}/{m['buckets']} sent, {m['direct_buckets']} received")
     for k, m in res["modes"].items():
         if not k.startswith(("copyout@", "learner@")):
             continue
