@@ -136,3 +136,42 @@ def test_layout_plan_groups_by_dtype_and_bounds_buckets():
         assert b.nbytes <= 4096 or len(b.names) == 1  # only a single oversized tensor exceeds the bound
         assert all(o % 256 == 0 for o in b.offsets)
     assert sorted(n for b in layout.buckets for n in b.names) == sorted(m)
+
+
+def _patient_or_not(rank, addr, out):
+    torch.set_num_threads(1)
+    rx = WeightReceiver("gloo", rank=rank, world_size=3, store_addr=addr, timeout_s=20)
+    mine = zeros_like(model(0))
+    if rank == 1:  # gives up on the first round: withdraws from it, then comes back
+        t0 = time.monotonic()
+        with pytest.raises(WeightSyncTimeout, match=r"rank 1 .*timed out after 1.0s .*rank 0 has not called send"):
+            rx.recv(into=mine, timeout_s=1.0)
+        out.put((rank, "gave up", time.monotonic() - t0))
+    got = rx.recv(into=mine, timeout_s=20)
+    out.put((rank, got, raw(mine), rx.round))
+
+
+def test_receiver_that_gives_up_withdraws_and_rounds_stay_in_step():
+    """A receiver's ready note from a round it left must never start a broadcast without it: its withdrawal
+    moves every rank (the one still waiting, and rank 0 when it sends) to the next round."""
+    ctx = mp.get_context("spawn")
+    tx = WeightSender("gloo", world_size=3, store_addr="127.0.0.1:0", timeout_s=20, bucket_mb=BUCKET_MB)
+    out = ctx.Queue()
+    procs = [ctx.Process(target=_patient_or_not, args=(r, tx.address, out)) for r in (1, 2)]
+    for p in procs:
+        p.start()
+    try:
+        tx.connect()
+        rank, tag, waited = out.get(timeout=60)
+        assert (rank, tag) == (1, "gave up") and 0.9 < waited < 10
+        params = model(3)
+        assert tx.send(params, 3).round == 1  # round 0 was withdrawn
+        for rank, got, data, next_round in (out.get(timeout=60) for _ in range(2)):
+            assert (got, data, next_round) == (3, raw(params), 2)
+    finally:
+        for p in procs:
+            p.join(10)
+            if p.is_alive():
+                p.kill()
+        tx.close()
+    assert [p.exitcode for p in procs] == [0, 0]

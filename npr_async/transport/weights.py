@@ -174,8 +174,9 @@ class WeightReceiver(_Endpoint):
         self.connect()
         params = buckets.named_tensors(into)
         sig = buckets.signature(params)
-        t_enter = time.perf_counter()
-        deadline = time.monotonic() + (self.control.timeout_s if timeout_s is None else timeout_s)
+        t_enter, first = time.perf_counter(), self.round
+        budget = self.control.timeout_s if timeout_s is None else timeout_s
+        deadline = time.monotonic() + budget
         while True:
             r = self.round
             known = self._validated if self._validated is not None and self._validated[1] == sig else None
@@ -184,7 +185,8 @@ class WeightReceiver(_Endpoint):
                 if known:  # the steady state: work out the targets while rank 0 decides
                     self.plane.prepare_recv(known[2], known[0], params)
                 try:
-                    verdict = self.control.await_verdict(r, max(deadline - time.monotonic(), 0.0))
+                    left = budget if r == first else max(deadline - time.monotonic(), 0.0)
+                    verdict = self.control.await_verdict(r, left)
                 except WeightSyncError:
                     self.round = r + 1  # withdrawn: every rank moves past round r
                     raise

@@ -45,10 +45,7 @@ class NcclPlane:
             uid = unique_id or new_unique_id()
             control.store.set("nccl/uid", uid)
         else:
-            if unique_id is None:
-                control.wait({0: "nccl/uid"}, "rank 0's NCCL unique id")
-                unique_id = control.store.get("nccl/uid")
-            uid = unique_id
+            uid = unique_id or control.get({0: "nccl/uid"}, "rank 0's NCCL unique id")[0]
         with cupy.cuda.Device(self.device.index):
             # every rank has joined (Control.join), so this collective init cannot hang on a missing rank
             try:  # newer CuPy takes the id as bytes, older as a tuple of signed chars
