@@ -26,6 +26,7 @@ class GlooPlane:
         self.staging = Staging(self.device)
         self.last_timings: dict[str, float] = {}
         self._steps: list[Step] = []
+        self._packed = -1  # the step `stage` packed already
         self._works: list = []
 
     def _bcast(self, buf: torch.Tensor):
