@@ -12,7 +12,8 @@ table (branch rows repeat the prompt's slots: a fork shares the trunk's KV, noth
 through SDPA.
   e. (--llm) the full `engine.LLM` loop (scheduler, NPR state machine, per-request sampler, CUDA graphs for
      decode-only steps) on forced-fork prompts ending in `</guideline>` with K plans, vs the direct path on
-     the same rows x branch length.
+     the same rows x branch length (each case warmed up at its shapes first; a KV pool that holds it whole).
+     bench/engine_host.py splits the loop's per-step host time by phase.
 
     python bench/engine.py [--batches 1,16,64,256] [--hf-compile 1] [--llm 1x4,16x4] [--out DIR]
 """
@@ -185,6 +186,8 @@ def bench_llm(model, args, res, save=lambda: None):
     so every request forks at once into K steps of up to --branch-len tokens (max_step_tokens), joins, and
     writes a short takeaway until its budget ends. Tokens/s = generated tokens (headers and forced tags
     included) / wall clock, prefill included; with CUDA graphs and, for comparison, eager decode steps."""
+    import msgspec
+
     from engine.llm import LLM
     from engine.sampler import SamplingParams
     from npr_async.config import EngineConfig
@@ -193,9 +196,12 @@ def bench_llm(model, args, res, save=lambda: None):
     tok = load_tokenizer()  # the bundled NPR tokenizer: its tag ids are < 417 < the model's vocab
     enc = lambda s: tok.encode(s, add_special_tokens=False)  # noqa: E731
     L, takeaway = args.branch_len, 64
+    # a pool that holds the largest case whole (the direct path never preempts)
+    slots = args.llm_slots or max(r * (args.prompt + k * L + takeaway + 16) for r, k in llm_cases(args))
+    res["llm_slots"] = slots
     out = []
     for graphs in (True, False):
-        llm = LLM(model, tok, EngineConfig(kv_slots=args.llm_slots, max_batch_tokens=8192, max_plans=16,
+        llm = LLM(model, tok, EngineConfig(kv_slots=slots, max_batch_tokens=8192, max_plans=16,
                                            attention_backend="triton", cuda_graphs=graphs), device="cuda",
                   compile_graphs=bool(args.compile))
         warm = SamplingParams(temperature=1.0, seed=0, max_total_tokens=40, max_path_tokens=40,
@@ -208,6 +214,10 @@ def bench_llm(model, args, res, save=lambda: None):
             p = SamplingParams(temperature=1.0, seed=1, repetition_penalty=1.0, branch_repetition_penalty=1.0,
                                max_total_tokens=k * L + takeaway, max_path_tokens=L + takeaway + 8,
                                max_step_tokens=L, max_plans=16)
+            # the case's eager steps (prefill, fork headers, joins) at their shapes: Triton compiles its
+            # kernels per split count, seconds each, which would land in the timed run
+            llm.generate([ids] * r, msgspec.structs.replace(p, max_step_tokens=8, max_total_tokens=8 * k + 16,
+                                                             max_path_tokens=40))
             trajs = []
             t = timed(lambda: trajs.extend(llm.generate([ids] * r, p)))
             n = sum(x.num_tokens for x in trajs)
@@ -323,7 +333,8 @@ def main(argv=None) -> int:
     ap.add_argument("--hf-compile", default="", help="batch sizes whose HF generate is torch.compiled")
     ap.add_argument("--fuse", type=int, default=1, help="fused q/k/v and gate/up GEMMs (engine inference)")
     ap.add_argument("--llm", default="1x4,16x4", help="engine.LLM loop cases RxK ('' skips)")
-    ap.add_argument("--llm-slots", type=int, default=65536, help="KV slots of the engine.LLM runs")
+    ap.add_argument("--llm-slots", type=int, default=0, help="KV slots of the engine.LLM runs (0: the largest "
+                    "case whole, no preemption)")
     ap.add_argument("--out", default=os.environ.get("OUT", "out"))
     args = ap.parse_args(argv)
     QWEN3_4B["num_hidden_layers"] = args.layers

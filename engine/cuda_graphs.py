@@ -1,72 +1,98 @@
 """CUDA graphs of the decode step (model forward + Triton attention + KV write + logits + sampling).
 
 One graph per bucketed batch size, all sharing one memory pool (captured largest first, as vLLM does).
-Inputs live in static buffers that the caller fills in place, on the device:
-    ids / pos  [max_batch]           the token each row decodes and its RoPE position
-    slots      [max_batch] int32     where its k/v go (-1: padding row, nothing is written)
-    table      [max_batch, W] int32  each row's context slots, in order (shared trunk slots repeat per row)
-    lens       [max_batch] int32     how many of them it sees (its own new slot included)
-    temperature [max_batch] f32      0 = greedy
+Inputs live in static device buffers that the caller fills in place:
+    inputs     [5, max_batch] int64   per row: ids, pos, slots, lens, rows (the views below)
+      ids / pos                       the token each row decodes and its RoPE position
+      slots                           where its k/v go (-1: padding row, nothing is written)
+      lens                            how many context slots it sees (its own new slot included)
+      rows                            its row of the slot table (at first row r for batch row r)
+    table      [table_rows, W] int32  context slots per table row, in order (shared trunk slots repeat per
+                                      row); a replay first appends each row's new slot at table[rows, lens - 1]
+    temperature [max_batch] f32       0 = greedy
 A replay leaves the sampled tokens in `tokens[:b]` and their logprobs in `logprobs[:b]`, on the device: the
 decode loop feeds them back with device copies, so one step needs no host synchronisation at all; the
 engine syncs once per step when it reads the tokens for the NPR state machine. With `sample=False` the
-graphs stop at the logits (`run()` returns them) for a sampler that lives outside (per-request seeds).
+graphs stop at the logits for a sampler that lives outside (per-request seeds): `run_items` is the engine's
+step, which keeps each branch on one table row across steps so that a step sends only its O(rows) inputs.
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 
-from engine.triton_attention import decode_attention, store_kv
-
-DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256)
+DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512)
 
 
-def sample(logits: torch.Tensor, temperature: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sample on the GPU without a host sync: exponential-race (Gumbel-max) over softmax(logits / T);
-    T == 0 rows take the argmax. Returns (tokens int64 [B], logprob of each under the sampling law)."""
+def sample(logits: torch.Tensor, temperature: torch.Tensor, noise: torch.Tensor | None = None
+           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sample on the GPU without a host sync: exponential race (Gumbel-max) over softmax(logits / T);
+    T == 0 rows take the argmax. noise: Exp(1) draws shaped like logits (default: drawn here). Returns
+    (tokens int64 [B], logprob of each under the sampling law)."""
     hot = temperature > 0
     logp = torch.log_softmax(logits / torch.where(hot, temperature, 1.0)[:, None], dim=-1)  # greedy: T=1 law
-    race = logp - torch.empty_like(logp).exponential_().log()  # argmax of p / Exp(1)
+    noise = torch.empty_like(logp).exponential_() if noise is None else noise
+    race = logp - noise.log()  # argmax of p / Exp(1)
     tok = torch.where(hot, race.argmax(-1), logp.argmax(-1))
     return tok, logp.gather(1, tok[:, None])[:, 0]
+
+
+gpu_sample = sample  # (DecodeGraphs' `sample` argument shadows the name)
 
 
 # Opaque to torch.compile, which fuses the model's norms, RoPE and SwiGLU around it. Declared as mutating
 # nothing: the KV write is a side effect on the caches, which nothing else in the compiled graph reads, and
 # declaring the 30-GB cache as mutated would let functionalization copy it. The split count is derived
-# from the concrete batch inside, so one dynamic-shape compile serves every bucket.
+# from the concrete batch inside, so one dynamic-shape compile serves every bucket. Off the GPU (CPU tests of
+# the same host path) it is gather + SDPA; Triton is imported inside, so this module imports without it.
 @torch.library.custom_op("npr::slot_decode", mutates_args=())
 def slot_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                 v_cache: torch.Tensor, layer: int, slots: torch.Tensor, table: torch.Tensor,
-                lens: torch.Tensor) -> torch.Tensor:
+                lens: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     kc, vc = k_cache[layer], v_cache[layer]
+    if q.device.type != "cuda":
+        return _torch_slot_decode(q, k, v, kc, vc, slots, table, lens, rows)
+    from engine.triton_attention import decode_attention, store_kv
+
     store_kv(k, v, kc, vc, slots)
-    return decode_attention(q, kc, vc, table=table, lens=lens)
+    return decode_attention(q, kc, vc, table=table, lens=lens, rows=rows)
+
+
+def _torch_slot_decode(q, k, v, kc, vc, slots, table, lens, rows):
+    ok = slots >= 0
+    kc[slots[ok].long()], vc[slots[ok].long()] = k[ok].to(kc.dtype), v[ok].to(vc.dtype)
+    w = max(int(lens.max()), 1)
+    col = torch.arange(w, device=q.device)
+    mask = (col < lens[:, None]) | ((lens == 0)[:, None] & (col == 0))  # an empty row reads one slot, unused
+    idx = table[rows.long(), :w].long()
+    group = q.shape[1] // k.shape[1]
+    kk, vv = (x[idx].transpose(1, 2).repeat_interleave(group, 1).to(q.dtype) for x in (kc, vc))  # [B, Hq, w, D]
+    o = torch.nn.functional.scaled_dot_product_attention(q[:, :, None], kk, vv, attn_mask=mask[:, None, None])
+    return o[:, :, 0]
 
 
 @slot_decode.register_fake
-def _(q, k, v, k_cache, v_cache, layer, slots, table, lens):
+def _(q, k, v, k_cache, v_cache, layer, slots, table, lens, rows):
     return torch.empty_like(q)
 
 
-def decode_step(model, ids, pos, k_cache, v_cache, slots, table, lens):
+def decode_step(model, ids, pos, k_cache, v_cache, slots, table, lens, rows):
     """hidden -> logits of one decode step over the slot table (the function that is compiled)."""
     def attn(layer, q, k, v):
-        return torch.ops.npr.slot_decode(q, k, v, k_cache, v_cache, layer, slots, table, lens)
+        return torch.ops.npr.slot_decode(q, k, v, k_cache, v_cache, layer, slots, table, lens, rows)
 
     return model.compute_logits(model(ids, pos, attn))
 
 
-_compiled_step = None
+_compiled: dict = {}
 
 
-def compiled_decode_step():
-    """One torch.compile wrapper per process: every DecodeGraphs of the same model (the bench's and an
-    engine's) then hits the same dynamo cache instead of compiling the 36-layer step again (minutes)."""
-    global _compiled_step
-    if _compiled_step is None:
-        _compiled_step = torch.compile(decode_step, dynamic=True)
-    return _compiled_step
+def compiled(fn):
+    """One torch.compile wrapper per function and process: every DecodeGraphs of the same model (the bench's
+    and an engine's) then hits the same dynamo cache instead of compiling the 36-layer step again (minutes)."""
+    if fn not in _compiled:
+        _compiled[fn] = torch.compile(fn, dynamic=True)
+    return _compiled[fn]
 
 
 class DecodeGraphs:
@@ -75,28 +101,36 @@ class DecodeGraphs:
                  sample: bool = True):
         dev = k_cache.device
         self.model, self.k, self.v = model, k_cache, v_cache
-        # compile: inductor fuses the ~50 small elementwise kernels per layer that dominate small batches
-        self.forward = compiled_decode_step() if compile else decode_step
+        # compile: inductor fuses the ~50 small elementwise kernels per layer that dominate small batches,
+        # and the sampler's softmax / race / argmax into a few kernels
+        self.forward = compiled(decode_step) if compile else decode_step
+        self.sampler = compiled(gpu_sample) if compile else gpu_sample
         self.buckets = sorted(b for b in buckets if max_batch is None or b <= max_batch)
         n = self.max_batch = self.buckets[-1]
         self.max_context = max_context
-        self.ids = torch.zeros(n, dtype=torch.long, device=dev)
-        self.pos = torch.zeros(n, dtype=torch.long, device=dev)
-        self.slots = torch.full((n,), -1, dtype=torch.int32, device=dev)
-        self.table = torch.zeros(n, max_context, dtype=torch.int32, device=dev)
-        self.lens = torch.zeros(n, dtype=torch.int32, device=dev)
+        self.inputs = torch.zeros(5, n, dtype=torch.long, device=dev)
+        self.ids, self.pos, self.slots, self.lens, self.rows = self.inputs.unbind(0)
+        self.rows.copy_(torch.arange(n))
+        # a table row per branch of two full batches (rows of the last step stay while new ones come), and
+        # a scratch row that padding rows append into
+        self.table = torch.zeros(2 * n + 1, max_context, dtype=torch.int32, device=dev)
+        self.scratch = 2 * n
         self.temperature = torch.zeros(n, dtype=torch.float32, device=dev)
         self.tokens = torch.zeros(n, dtype=torch.long, device=dev)
         self.logprobs = torch.zeros(n, dtype=torch.float32, device=dev)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.sample, self.logits = sample, {}  # bucket -> the graph's own logits output
+        self.reset_rows()
 
     def _step(self, b: int) -> None:
-        logits = self.forward(self.model, self.ids[:b], self.pos[:b], self.k, self.v, self.slots[:b],
-                              self.table[:b], self.lens[:b])
+        meta = self.inputs[2:, :b].to(torch.int32)  # slots, lens, rows: int32 for the Triton kernels
+        slots, lens, rows = meta.unbind(0)
+        self.table[torch.where(slots >= 0, rows, self.scratch), (lens - 1).clamp_min(0)] = slots
+        logits = self.forward(self.model, self.ids[:b], self.pos[:b], self.k, self.v, slots, self.table, lens, rows)
         self.logits[b] = logits
         if self.sample:
-            tok, lp = sample(logits, self.temperature[:b])
+            noise = torch.empty_like(logits).exponential_()  # outside the compiled sampler: graph-safe RNG
+            tok, lp = self.sampler(logits, self.temperature[:b], noise)
             self.tokens[:b].copy_(tok)
             self.logprobs[:b].copy_(lp)
 
@@ -107,6 +141,8 @@ class DecodeGraphs:
         # a RoPE table covering every position: the forward then never syncs on positions.max()
         rot = self.model.model.rotary_emb
         self.rope_table = rot.ensure(self.model.args.max_position_embeddings, self.k.device)  # keep it alive
+        if self.k.device.type != "cuda":
+            return  # no graphs: each replay runs the step (CPU tests of the host path)
         self.slots.fill_(-1)  # capture runs write nothing into the cache
         self.lens.fill_(1)
         s = torch.cuda.Stream()
@@ -130,30 +166,86 @@ class DecodeGraphs:
         raise ValueError(f"batch {n} exceeds the largest captured bucket {self.max_batch}")
 
     def replay(self, n: int) -> int:
-        """Run the step for rows [0, n) of the static buffers (rows n..bucket must be padding: slots -1,
-        lens >= 0). Returns the bucket used; results in tokens[:n], logprobs[:n]."""
+        """Run the step for rows [0, n) of the static buffers (rows n..bucket are made padding: slots -1,
+        lens 0). Returns the bucket used; results in tokens[:n], logprobs[:n]."""
         b = self.bucket(n)
         if b > n:
             self.slots[n:b].fill_(-1)
             self.lens[n:b].fill_(0)
-        self.graphs[b].replay()
+        self._replay(b)
         return b
 
+    def _replay(self, b: int) -> None:
+        g = self.graphs.get(b)
+        g.replay() if g is not None else self._step(b)
+
+    # host -> device: one copy of every row's inputs, one of the table patches ---------------------
+    def _launch(self, n: int, rows: list[tuple], patches: tuple[list, list, list]) -> torch.Tensor:
+        """rows: (id, pos, slot, len, table row) of the n real rows; patches: table (rows, cols, slots)."""
+        host = np.empty((5, self.max_batch), dtype=np.int64)
+        host[:, :n] = np.array(rows, dtype=np.int64).T
+        host[:, n:] = np.array([0, 0, -1, 0, self.scratch])[:, None]  # padding rows
+        self.inputs.copy_(torch.from_numpy(host), non_blocking=True)
+        if patches[0]:
+            p = torch.from_numpy(np.array(patches, dtype=np.int32)).to(self.table.device, non_blocking=True)
+            self.table[p[0], p[1]] = p[2]
+        b = self.bucket(n)
+        self._replay(b)
+        return self.logits[b][:n]
+
     def run(self, ids: list[int], pos: list[int], contexts: list[list[int]]) -> torch.Tensor:
-        """One decode step from host lists (the engine's path): row i decodes ids[i] at pos[i] over
-        `contexts[i]` (its new token's slot last). Returns logits [n, V] (a view of the graph's output,
-        valid until the next replay). Copies go host -> device once per buffer; nothing syncs."""
-        n = len(ids)
+        """One decode step from host lists: row i decodes ids[i] at pos[i] over `contexts[i]` (its new token's
+        slot last), on table row i. Returns logits [n, V] (a view of the graph's output, valid until the next
+        replay)."""
         width = max(map(len, contexts))
         if width > self.max_context:
             raise ValueError(f"context of {width} slots exceeds the graphs' max_context {self.max_context}")
-        table = torch.zeros(n, width, dtype=torch.int32)
-        for i, c in enumerate(contexts):
-            table[i, :len(c)] = torch.as_tensor(c, dtype=torch.int32)
-        rows = torch.tensor([ids, pos, [c[-1] for c in contexts], [len(c) for c in contexts]])
-        self.table[:n, :width].copy_(table, non_blocking=True)
-        self.ids[:n].copy_(rows[0], non_blocking=True)
-        self.pos[:n].copy_(rows[1], non_blocking=True)
-        self.slots[:n].copy_(rows[2], non_blocking=True)
-        self.lens[:n].copy_(rows[3], non_blocking=True)
-        return self.logits[self.replay(n)][:n]
+        self.reset_rows()  # the engine's rows are overwritten
+        patches = ([i for i, c in enumerate(contexts) for _ in c], [j for c in contexts for j in range(len(c))],
+                   [s for c in contexts for s in c])
+        return self._launch(len(ids), [(t, p, c[-1], len(c), i) for i, (t, p, c) in enumerate(zip(ids, pos, contexts))],
+                            patches)
+
+    def reset_rows(self) -> None:
+        """Forget which branch holds which table row (the engine calls it at the start of a generate)."""
+        self.row_of: dict = {}  # (request id, segment) -> [table row, KV segments, ancestor slots, own slots, step]
+        self.free = list(range(self.scratch - 1, -1, -1))
+        self.step = 0
+
+    def _row(self) -> int:
+        if not self.free:  # evict every branch that was not in the last step (done, waiting or preempted)
+            for key in [k for k, e in self.row_of.items() if e[4] < self.step]:
+                self.free.append(self.row_of.pop(key)[0])
+        return self.free.pop()
+
+    def run_items(self, items, slots: dict[int, list[int]]) -> torch.Tensor:
+        """The engine's decode step over scheduler items (one token each; `Item.kvs`, `Item.length`; `slots`:
+        the KV store's segment -> slots). A branch keeps its table row across steps: the row is written whole
+        only when the branch is new to the table or its KV segments changed (fork, join, preemption); tokens
+        it added in eager steps since its last graph step are patched in; the new slot the replay appends
+        itself. Returns logits [n, V] (a view of the graph's output, valid until the next replay)."""
+        self.step += 1
+        pr, pc, ps = [], [], []
+        rows = []
+        for it in items:
+            seg = it.req.segs[it.seg]
+            own = slots[it.kvs[-1]]
+            n_own = it.start + 1
+            n_anc = it.length - n_own
+            key = (it.req.rid, it.seg)
+            e = self.row_of.get(key)
+            if e is None or e[1] != it.kvs or e[2] != n_anc:  # (re)write the whole row, but the new slot
+                row = e[0] if e is not None else self._row()
+                e = self.row_of[key] = [row, it.kvs, n_anc, 0, 0]
+                pr += [row] * (n_anc + n_own - 1)
+                pc += range(n_anc + n_own - 1)
+                for k in it.kvs[:-1]:
+                    ps += slots[k]
+                ps += own[:n_own - 1]
+            elif n_own - e[3] > 1:  # tokens of eager steps since the last graph step
+                pr += [e[0]] * (n_own - 1 - e[3])
+                pc += range(n_anc + e[3], n_anc + n_own - 1)
+                ps += own[e[3]:n_own - 1]
+            e[3], e[4] = n_own, self.step
+            rows.append((seg.tokens[it.start], seg.positions[it.start], own[n_own - 1], it.length, e[0]))
+        return self._launch(len(items), rows, (pr, pc, ps))

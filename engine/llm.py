@@ -6,7 +6,9 @@
 
 One loop: the scheduler picks the tokens of the next forward (decodes of every live branch, forced
 headers, prompt chunks), the model runs them over the KV slots, the sampler draws one token per branch
-that reached its segment's end, and each request's state machine takes the transition that token causes.
+that reached its segment's end (engine/sampler.py `BatchSampler`: counter-based randomness, no host sync but
+the one read of the tokens), and each request's state machine takes the transition that token causes.
+Decode-only steps replay CUDA graphs (engine/cuda_graphs.py) when enabled.
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ import torch
 from engine.kv_store import KVStore
 from engine.npr_state import Limits, Request
 from engine.paged_attention import PagedAttention
-from engine.sampler import SamplingParams, make_generator, sample
+from engine.sampler import BatchSampler, SamplingParams
 from engine.scheduler import Scheduler
 from npr_async.config import EngineConfig
 from npr_async.messages import Trajectory
@@ -66,6 +68,7 @@ class LLM:
         self.use_graphs = bool(config.cuda_graphs) and self.device.type == "cuda"
         self.graphs, self.compile_graphs = None, compile_graphs
         self._busy = False
+        self.sampler = BatchSampler(self.device)
         self._seeds = random.Random()
         self.last_stats: dict = {}
 
@@ -131,6 +134,9 @@ class LLM:
                 reqs.append(req)
                 sched.add(req)
         self._busy, self._graph_steps = True, 0
+        self.sampler.reset()
+        if self.graphs is not None:
+            self.graphs.reset_rows()
         try:
             forwards = 0
             while not sched.done():
@@ -160,47 +166,41 @@ class LLM:
     def _step(self, items) -> None:
         if not items:
             return
-        ids, pos, seqs = [], [], []
+        graphs = self._graphs_for(items)
+        if graphs is not None:  # decode-only step: one token per row, each a branch to sample for
+            logits = graphs.run_items(items, self.kv.slots)
+            self._graph_steps += 1
+        else:
+            logits = self._forward(items)
+        todo = [it for it in items if it.sample is not None]
+        if not todo:
+            return
+        tokens, logprobs = self.sampler(logits, todo)
+        for it, t, lp in zip(todo, tokens, logprobs):
+            it.req.on_sampled(it.sample, t, lp)
+        for it in todo:  # table rows of branches that will not sample again go back
+            if it.req.finish_reason is not None:
+                self.sampler.release(it.req.branches)
+            elif it.sample.state == "done":
+                self.sampler.release((it.sample,))
+
+    def _forward(self, items) -> torch.Tensor | None:
+        """An eager forward (prompt chunks, forced headers, or graphs off): logits of the rows that sample."""
+        ids, pos, seqs, rows = [], [], [], []
         for it in items:
             seg = it.req.segs[it.seg]
             ids += seg.tokens[it.start:it.start + it.n]
             pos += seg.positions[it.start:it.start + it.n]
-            seqs.append((it.ctx, it.n))
-        rows, todo = [], []
-        end = 0
-        for it in items:
-            end += it.n
+            seqs.append((it.context(self.kv), it.n))
             if it.sample is not None:
-                rows.append(end - 1)
-                todo.append(it)
-        graphs = self._graphs_for(items)
-        if graphs is not None:  # decode-only step: one token per row, logits of every row from the graph
-            logits = graphs.run(ids, pos, [it.ctx for it in items])
-            self._graph_steps += 1
-            if not rows:
-                return
-            if len(rows) < len(items):
-                logits = logits[torch.tensor(rows, device=self.device)]
-        else:
-            self.attn.prepare(seqs)
-            hidden = self.model(torch.tensor(ids, device=self.device), torch.tensor(pos, device=self.device),
-                                self.attn)
-            if not rows:
-                return
-            logits = self.model.compute_logits(hidden[torch.tensor(rows, device=self.device)])
-        gens, toks, pens = [], [], []
-        for it in todo:
-            b, p = it.sample, it.req.params
-            if b.gen is None and p.temperature > 0:
-                b.gen = make_generator(it.req.seed, b.path, self.device)
-            gens.append(b.gen)
-            in_step = b.fork is not None
-            # NPR: the penalty inside a step covers that branch's own tokens; elsewhere the trunk's own tokens
-            toks.append(b.own)
-            pens.append(p.branch_repetition_penalty if in_step else p.repetition_penalty)
-        tokens, logprobs = sample(logits, [it.req.params for it in todo], gens, toks, pens)
-        for it, t, lp in zip(todo, tokens.tolist(), logprobs.tolist()):
-            it.req.on_sampled(it.sample, t, lp)
+                rows.append(len(ids) - 1)
+        self.attn.prepare(seqs)
+        x = torch.from_numpy(np.array([ids, pos], dtype=np.int64)).to(self.device, non_blocking=True)
+        hidden = self.model(x[0], x[1], self.attn)
+        if not rows:
+            return None
+        sel = torch.from_numpy(np.array(rows, dtype=np.int64)).to(self.device, non_blocking=True)
+        return self.model.compute_logits(hidden[sel])
 
     def _graphs_for(self, items):
         """The DecodeGraphs for this step, or None to run it eagerly: graphs off, a prefill / header / prompt
@@ -217,7 +217,7 @@ class LLM:
             self.graphs = DecodeGraphs(self.model, self.kv.k, self.kv.v, width, sample=False,
                                        compile=self.compile_graphs)
             self.graphs.capture()
-        if len(items) > self.graphs.max_batch or max(len(it.ctx) for it in items) > self.graphs.max_context:
+        if len(items) > self.graphs.max_batch or max(it.length for it in items) > self.graphs.max_context:
             return None
         return self.graphs
 

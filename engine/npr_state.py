@@ -46,6 +46,7 @@ class Request:
         self.num_forks = self.num_branches = self.generated = 0
         self.branches: list[Branch] = []
         self.kv = None  # the KVStore while resident
+        self._closures: dict[int, list[int]] = {}
         self._from_prefix(prompt)
 
     # construction from any prefix ---------------------------------------------------------------
@@ -98,13 +99,16 @@ class Request:
         return b
 
     def _closure(self, seg: int) -> list[int]:
+        """seg and every segment it sees, ascending (memoised: a segment's parents never change; not to mutate)."""
+        if seg in self._closures:
+            return self._closures[seg]
         out, todo = {seg}, [seg]
         while todo:
             for p in self.segs[todo.pop()].parents:
                 if p not in out:
                     out.add(p)
                     todo.append(p)
-        return sorted(out)
+        return self._closures.setdefault(seg, sorted(out))
 
     def _next_pos(self, seg: int) -> int:
         s = self.segs[seg]
@@ -181,8 +185,10 @@ class Request:
 
     def _check_budgets(self, b: Branch) -> None:
         p = self.limits
-        # leave room for the `</step>` that closes each open step should the request end here
-        if self.generated + self.open_steps() >= p.max_total_tokens or \
+        # leave room for the `</step>` that closes each open step should the request end here (counted only
+        # near the budget: open steps <= branches)
+        if self.generated + len(self.branches) >= p.max_total_tokens and \
+                self.generated + self.open_steps() >= p.max_total_tokens or \
                 b.next_pos - self.path_start + b.depth >= p.max_path_tokens:
             return self.finish("length")
         if b.fork is not None and b.step_tokens >= p.max_step_tokens - 1:

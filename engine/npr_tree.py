@@ -9,8 +9,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import torch
-
 
 @dataclass
 class Seg:
@@ -38,8 +36,8 @@ class Branch:
     ctx: list[int]  # logical segments it sees, ascending, its own last; one KV reference each
     next_pos: int
     fork: Fork | None = None  # the fork it is a step of (None: the trunk)
-    gen: torch.Generator | None = None  # made by the engine from the request seed and `path`
-    path: tuple = ()  # (fork base position, step index) per fork level: names the branch for its RNG
+    draw: tuple | None = None  # the engine sampler's state (BatchSampler): stream seed from `path`, params, row
+    path: tuple = ()  # (fork base position, step index) per fork level: names the branch for its random stream
     own: list[int] = field(default_factory=list)  # its sampled tokens (repetition penalty in branches)
     step_tokens: int = 0
     state: str = "run"  # run | wait (children running) | done (step closed)

@@ -25,8 +25,13 @@ class Item:
     seg: int
     start: int  # first token (index in the segment) of this item
     n: int
-    ctx: list[int] | None = None  # context slots, this item's tokens last
     sample: Branch | None = None  # the branch to sample for from this item's last token
+    kvs: tuple[int, ...] = ()  # KV segments of its context, in order: the ancestors' (ascending), its own last
+    length: int = 0  # context slots, its own tokens included
+
+    def context(self, kv: KVStore) -> list[int]:
+        """The context's slots, this item's tokens last (built on demand: O(context))."""
+        return kv.context_slots(self.kvs[:-1]) + kv.slots[self.kvs[-1]][:self.start + self.n]
 
 
 class Scheduler:
@@ -89,11 +94,12 @@ class Scheduler:
             seg = it.req.segs[it.seg]
             self.kv.extend(seg.kv, it.n)
             seg.cached += it.n
+        slots = self.kv.slots
         for it in items:
-            req, seg = it.req, it.req.segs[it.seg]
-            anc = [s for s in req._closure(it.seg) if s != it.seg]
-            it.ctx = self.kv.context_slots([req.segs[s].kv for s in anc]) + \
-                self.kv.slots[seg.kv][:it.start + it.n]
+            segs = it.req.segs
+            anc = [segs[s].kv for s in it.req._closure(it.seg) if s != it.seg]
+            it.kvs = (*anc, segs[it.seg].kv)
+            it.length = sum(len(slots[k]) for k in anc) + it.start + it.n
         return items
 
     def _plan(self) -> list[Item]:
@@ -111,12 +117,12 @@ class Scheduler:
                     return False
             return True
 
-        def add(req: Request, s: int, n: int) -> None:
+        def add(req: Request, s: int, n: int, b: Branch | None = None) -> None:
             nonlocal budget
             seg = req.segs[s]
             it = Item(req, s, seg.cached, n)
             if seg.cached + n == len(seg.tokens):
-                it.sample = next((b for b in req.live() if b.seg == s), None)
+                it.sample = b or next((b for b in req.live() if b.seg == s), None)
             items.append(it)
             planned[(req.rid, s)] = n
             budget -= n
@@ -125,7 +131,7 @@ class Scheduler:
             for b in req.live():
                 seg = req.segs[b.seg]
                 if budget > 0 and len(seg.tokens) - seg.cached == 1 and ready(req, b.seg, False):
-                    add(req, b.seg, 1)
+                    add(req, b.seg, 1, b)
         for req in self.running:  # then forced headers, `</step>`s and prompt chunks, in segment order
             for s, seg in enumerate(req.segs):
                 left = len(seg.tokens) - seg.cached

@@ -55,12 +55,16 @@ def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
 def _decode_kernel(q_ptr, kc_ptr, vc_ptr, ptr_ptr, len_ptr, idx_ptr, out_ptr, mo_ptr, ml_ptr,
                    scale_log2, stride_qt, stride_qh, stride_ot, stride_oh, table_stride,
                    KV_ROW: tl.constexpr, GROUP: tl.constexpr, BLOCK_H: tl.constexpr, D: tl.constexpr,
-                   BLOCK_N: tl.constexpr, SPLITS: tl.constexpr, PADDED: tl.constexpr, PREC: tl.constexpr):
+                   BLOCK_N: tl.constexpr, SPLITS: tl.constexpr, PADDED: tl.constexpr, PREC: tl.constexpr,
+                   INDIRECT: tl.constexpr):
     row = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
-    if PADDED:  # slot table [R, W] + lens [R]
-        start = row.to(tl.int64) * table_stride
+    if PADDED:  # slot table [*, W] + lens [R] (+ the table row of each query row: ptr_ptr [R])
+        if INDIRECT:
+            start = tl.load(ptr_ptr + row).to(tl.int64) * table_stride
+        else:
+            start = row.to(tl.int64) * table_stride
         n = tl.load(len_ptr + row)
     else:  # CSR
         start = tl.load(ptr_ptr + row).to(tl.int64)
@@ -141,17 +145,19 @@ def default_splits(rows: int, num_kv_heads: int, device: torch.device, max_split
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, *,
                      indptr: torch.Tensor | None = None, indices: torch.Tensor | None = None,
                      table: torch.Tensor | None = None, lens: torch.Tensor | None = None,
-                     num_splits: int | None = None, out: torch.Tensor | None = None,
-                     block_n: int = 64, num_warps: int = 4, num_stages: int = 2) -> torch.Tensor:
+                     rows: torch.Tensor | None = None, num_splits: int | None = None,
+                     out: torch.Tensor | None = None, block_n: int = 64, num_warps: int = 4,
+                     num_stages: int = 2) -> torch.Tensor:
     """q [R, Hq, D]; caches [S, Hkv, D]; context of row r: CSR `indices[indptr[r]:indptr[r+1]]` or the
-    padded `table[r, :lens[r]]` (int32 slots). Returns [R, Hq, D] in q's dtype; scale 1/sqrt(D)."""
+    padded `table[rows[r], :lens[r]]` (int32 slots; rows None: table row r). Returns [R, Hq, D] in q's
+    dtype; scale 1/sqrt(D)."""
     r, hq, d = q.shape
     hkv = k_cache.shape[1]
     assert hq % hkv == 0 and k_cache.shape[2] == d and q.stride(2) == 1
     padded = table is not None
     if padded:
         assert lens is not None and table.stride(1) == 1
-        ptr, ln, idx, tstride = lens, lens, table, table.stride(0)
+        ptr, ln, idx, tstride = (lens if rows is None else rows), lens, table, table.stride(0)
     else:
         assert indptr is not None and indices is not None
         ptr, ln, idx, tstride = indptr, indptr, indices, 0
@@ -168,7 +174,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         q, k_cache, v_cache, ptr, ln, idx, out, mo, ml, math.log2(math.e) / math.sqrt(d),
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), tstride,
         KV_ROW=hkv * d, GROUP=group, BLOCK_H=max(16, triton.next_power_of_2(group)), D=d,
-        BLOCK_N=block_n, SPLITS=splits, PADDED=padded, num_warps=num_warps, num_stages=num_stages,
+        BLOCK_N=block_n, SPLITS=splits, PADDED=padded, INDIRECT=padded and rows is not None,
+        num_warps=num_warps, num_stages=num_stages,
         PREC="ieee" if q.dtype == torch.float32 else "tf32")  # float32 caches (tests): no tf32 rounding
     if splits > 1:
         _merge_kernel[(r, hq)](mo, ml, out, out.stride(0), out.stride(1), D=d, SPLITS=splits,

@@ -46,10 +46,12 @@ def sft_model(tmp_path_factory, ray_cluster):
     run = tmp_path_factory.mktemp("sft")
     cfg = load_config(None, [
         "stage=stage2", "data.synthetic_difficulty=1", "data.synthetic_train_size=640",
-        "data.synthetic_heldout_size=4", "controller.eval_k=1", "learner.sft_epochs=2", "learner.sft_lr=3e-3",
+        "data.synthetic_heldout_size=16", "controller.eval_k=1", "learner.sft_epochs=2", "learner.sft_lr=3e-3",
         "logging.tensorboard=false", "logging.plot=false", "logging.progress=plain"])
     summary = train(cfg, str(run))
-    assert summary["heldout_sft"]["format_ok_rate"] > 0.5, summary["heldout_sft"]
+    # this SFT writes well-formed answers about half the time (0.52-0.54 over 5 x 256 held-out samples, at
+    # eval sampling); a random-init model ~never. 16 samples > 0.25: not at the mercy of one sampling stream
+    assert summary["heldout_sft"]["format_ok_rate"] > 0.25, summary["heldout_sft"]
     return summary["final_model"]
 
 

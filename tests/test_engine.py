@@ -145,6 +145,13 @@ def test_same_seed_same_trajectory_whatever_the_batch(tiny):
     np.testing.assert_allclose(alone.lps(), crowd[2].lps(), atol=1e-5, equal_nan=True)
     other, = llm.generate([PROMPTS[2]], params(seed=124))
     assert not np.array_equal(other.ids(), alone.ids())
+    # with every sampler feature on: penalties (own tokens on the device), top-k / top-p, greedy neighbours
+    p = params(seed=77, max_total_tokens=70, repetition_penalty=1.2, branch_repetition_penalty=1.5, top_p=0.9)
+    q = params(seed=9, max_total_tokens=50, top_k=5, temperature=0.7)
+    alone, = llm.generate([PROMPTS[4]], p)
+    crowd = llm.generate(PROMPTS[:2] + PROMPTS[4:5] + PROMPTS[3:6], [q, params(temperature=0.0), p, q, q, q])
+    assert alone.num_forks >= 1 and np.array_equal(alone.ids(), crowd[2].ids())
+    np.testing.assert_allclose(alone.lps(), crowd[2].lps(), atol=1e-5, equal_nan=True)
 
 
 def test_version_guard(tiny):
@@ -218,3 +225,27 @@ def test_200_requests_on_a_small_pool_complete_through_preemption(tiny):
     alone = eng.generate(prompts[:3] + prompts[-2:], p)
     for a, b in zip(alone, trajs[:3] + trajs[-2:]):
         assert np.array_equal(a.ids(), b.ids())
+
+
+def test_graph_host_path_on_cpu_matches_eager(tiny):
+    """The CUDA-graph decode path's host side (one copy of static inputs, each branch kept on a table row
+    across steps, rows rewritten at forks / joins / preemption, patches after eager steps, eviction) runs
+    on the CPU too, each "replay" running the step: the same trajectories as the eager loop."""
+    from engine.cuda_graphs import DecodeGraphs
+
+    _, _, llm = tiny
+    p = params(seed=5, top_p=0.9, branch_repetition_penalty=1.2, max_total_tokens=100, max_path_tokens=80)
+    runs = []
+    for graphs in (False, True):
+        eng = LLM(llm.model, llm.tokenizer, EngineConfig(kv_slots=1200, max_batch_tokens=256))
+        if graphs:  # small buckets: steps of more rows run eagerly, and 33 table rows must be recycled
+            eng.use_graphs = True
+            eng.graphs = DecodeGraphs(eng.model, eng.kv.k, eng.kv.v, 1200, buckets=(1, 2, 4, 8, 16), sample=False)
+            eng.graphs.capture()
+        runs.append(eng.generate(PROMPTS * 3, p))
+    st = eng.last_stats
+    assert st["preemptions"] > 0 and 0.3 * st["forwards"] < st["graph_steps"] < st["forwards"], st
+    for a, b in zip(*runs):
+        assert np.array_equal(a.ids(), b.ids()) and a.finish_reason == b.finish_reason
+        np.testing.assert_allclose(a.lps(), b.lps(), atol=1e-4, equal_nan=True)
+    eng.kv.check([])

@@ -47,6 +47,8 @@ def test_engine_logprobs_equal_learner_logprobs(engine_and_model):
     for t, lp in zip(trajs, scored):
         m = t.sampled_mask()
         assert m.sum() > 0
-        np.testing.assert_allclose(lp[m], t.lps()[m], rtol=0, atol=1e-5)
+        # fp32, different batch shapes and summation orders: over seeds 6..15 the largest gap is 1.05e-5
+        # (~20 ulp of a logprob near -5); 1e-5 held for the engine's former RNG stream by luck
+        np.testing.assert_allclose(lp[m], t.lps()[m], rtol=0, atol=2e-5)
         n += int(m.sum())
     assert n > 200

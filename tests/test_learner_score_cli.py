@@ -23,7 +23,9 @@ def test_score_adds_learner_logprobs(tmp_path):
     for r in rows:
         assert r["segments"][1:] and all(x is None for x in r["learner_logprobs"][:r["prompt_len"]])
         # inside steps `generate` samples with NPR's branch repetition penalty 1.02, which the learner's plain
-        # softmax does not have: exact agreement outside steps, a small visible mismatch inside them
+        # softmax does not have: exact agreement outside steps, a small visible mismatch inside them (a repeated
+        # token's logit l moves by <= 2% of |l|, the normaliser by as much; |l| < 1 here: < 0.04 in all, 0.015
+        # seen with the engine's current sampling stream)
         steps = {k for k, seg in enumerate(r["segments"]) if len(seg["parents"]) == 1}
         sampled = [i for i, s in enumerate(r["sampled"]) if s]
         trunk = [i for i in sampled if r["segment_ids"][i] not in steps]
@@ -31,7 +33,7 @@ def test_score_adds_learner_logprobs(tmp_path):
         np.testing.assert_allclose([r["learner_logprobs"][i] for i in trunk], [r["logprobs"][i] for i in trunk],
                                    rtol=0, atol=1e-5)
         np.testing.assert_allclose([r["learner_logprobs"][i] for i in sampled], [r["logprobs"][i] for i in sampled],
-                                   rtol=0, atol=1e-2)
+                                   rtol=0, atol=3e-2)
         forced = [i for i in range(r["prompt_len"], len(r["token_ids"])) if not r["sampled"][i]]
         assert forced and all(r["learner_logprobs"][i] is not None for i in forced)  # headers scored too
-        assert 0 < r["logprob_max_abs_diff"] < 1e-2
+        assert 0 < r["logprob_max_abs_diff"] < 3e-2

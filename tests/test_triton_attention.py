@@ -70,6 +70,12 @@ def test_decode_matches_sdpa(rows, max_len, splits):
     lens = torch.tensor([len(c) for c in contexts], dtype=torch.int32, device=dev)
     out2 = decode_attention(q, kc, vc, table=table.to(dev), lens=lens, num_splits=splits)
     assert rel_err(out2, ref) < 1e-2
+    # rows: each query row reads another row of a larger table (the engine's per-branch table rows)
+    perm = torch.randperm(rows + 5, generator=gen)[:rows]
+    big = torch.zeros(rows + 5, width + 3, dtype=torch.int32)
+    big[perm] = table
+    out3 = decode_attention(q, kc, vc, table=big.to(dev), lens=lens, rows=perm.to(dev, torch.int32), num_splits=splits)
+    assert torch.equal(out3, out2)
 
 
 def test_store_kv_and_padding_rows():
@@ -121,6 +127,32 @@ def test_graph_sample_greedy_matches_argmax():
     tok, lp = sample(logits, torch.tensor([0.0, 0.0, 1.0, 0.5], device="cuda"))
     assert torch.equal(tok[:2], logits[:2].argmax(-1))
     assert torch.allclose(lp[:2], torch.log_softmax(logits[:2], -1).max(-1).values)
+
+
+@pytest.mark.parametrize("compile", [False, True])
+def test_decode_graph_sampling(compile):
+    """sample=True graphs (the bench's direct path), the sampler compiled with the step or not: greedy rows take
+    the argmax of the graph's logits, hot rows draw fresh tokens each replay, logprobs are the T law's."""
+    from engine.cuda_graphs import DecodeGraphs
+    from engine.kv_store import KVStore
+
+    model = tiny_model()
+    kv = KVStore(2, 600, 2, 16, dtype=torch.float32, device="cuda")
+    g = DecodeGraphs(model, kv.k, kv.v, max_context=64, buckets=(1, 4, 8), compile=compile)
+    g.capture()
+    g.table[:4, :10] = torch.arange(40, device="cuda", dtype=torch.int32).view(4, 10)
+    g.ids[:4] = torch.tensor([5, 6, 7, 8])
+    g.pos[:4], g.lens[:4], g.slots[:4] = 9, 10, g.table[:4, 9].long()
+    g.temperature[:4] = torch.tensor([0.0, 0.0, 30.0, 100.0])  # hot: flat laws (the model is peaked)
+    draws = []
+    for _ in range(20):
+        logits = g.logits[g.replay(4)][:4].float()
+        tok, lp = g.tokens[:4].clone(), g.logprobs[:4].clone()
+        assert torch.equal(tok[:2], logits[:2].argmax(-1))
+        t = torch.tensor([1.0, 1.0, 30.0, 100.0], device="cuda")[:, None]
+        torch.testing.assert_close(lp, (logits / t).log_softmax(-1).gather(1, tok[:, None])[:, 0], rtol=1e-4, atol=1e-4)
+        draws.append(tok[2:].tolist())
+    assert len({tuple(d) for d in draws}) > 5
 
 
 def tiny_model():
