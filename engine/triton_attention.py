@@ -132,13 +132,14 @@ _NUM_SMS: dict[int, int] = {}
 
 
 def default_splits(rows: int, num_kv_heads: int, device: torch.device, max_splits: int = 32) -> int:
-    """Enough programs to fill the GPU about 4 times over; depends only on the batch shape (graph-safe)."""
+    """Enough programs to fill every SM once; depends only on the batch shape (graph-safe). More splits cost a
+    merge pass and partial-result traffic: on an H200 one split beat 2-4 at 64 and 256 rows (bench/attention.py)."""
     if device.type != "cuda":  # the Triton interpreter (TRITON_INTERPRET=1) on CPU tensors
         return min(max_splits, 4)
     idx = device.index if device.index is not None else torch.cuda.current_device()
     if idx not in _NUM_SMS:
         _NUM_SMS[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
-    want = -(-4 * _NUM_SMS[idx] // max(rows * num_kv_heads, 1))
+    want = -(-_NUM_SMS[idx] // max(rows * num_kv_heads, 1))
     return max(1, min(max_splits, triton.next_power_of_2(want)))
 
 
@@ -147,7 +148,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
                      table: torch.Tensor | None = None, lens: torch.Tensor | None = None,
                      rows: torch.Tensor | None = None, num_splits: int | None = None,
                      out: torch.Tensor | None = None, block_n: int = 64, num_warps: int = 4,
-                     num_stages: int = 2) -> torch.Tensor:
+                     num_stages: int = 3) -> torch.Tensor:
     """q [R, Hq, D]; caches [S, Hkv, D]; context of row r: CSR `indices[indptr[r]:indptr[r+1]]` or the
     padded `table[rows[r], :lens[r]]` (int32 slots; rows None: table row r). Returns [R, Hq, D] in q's
     dtype; scale 1/sqrt(D)."""
