@@ -51,6 +51,24 @@ class KVStore:
         self.slots[sid].extend(new)
         return new
 
+    def extend_many(self, grants: list[tuple[int, int]]) -> None:
+        """`extend(sid, n)` for each (sid, n) in order, the same slots as one by one, in one pass over the pool
+        (all or nothing)."""
+        free = self._free
+        need = sum(n for _, n in grants)
+        if need > len(free):
+            raise OutOfSlots(f"need {need} KV slots, {len(free)} free of {self.num_slots}")
+        new = free[len(free) - need:]
+        del free[len(free) - need:]
+        new.reverse()  # extend pops from the end of the stack
+        slots, i = self.slots, 0
+        for sid, n in grants:
+            if n == 1:
+                slots[sid].append(new[i])
+            else:
+                slots[sid].extend(new[i:i + n])
+            i += n
+
     def share(self, sids) -> None:
         for sid in sids:
             if self.refs.get(sid, 0) <= 0:

@@ -47,6 +47,8 @@ class Request:
         self.branches: list[Branch] = []
         self.kv = None  # the KVStore while resident
         self._closures: dict[int, list[int]] = {}
+        self._ancestors: dict[int, list[Seg]] = {}
+        self._kv_chains: dict[int, tuple[int, ...]] = {}  # valid while resident: attach / detach clear it
         self._from_prefix(prompt)
 
     # construction from any prefix ---------------------------------------------------------------
@@ -109,6 +111,22 @@ class Request:
                     out.add(p)
                     todo.append(p)
         return self._closures.setdefault(seg, sorted(out))
+
+    def ancestors(self, seg: int) -> list[Seg]:
+        """The segments `seg` sees but itself, ascending (memoised like `_closure`; not to mutate)."""
+        anc = self._ancestors.get(seg)
+        if anc is None:
+            anc = self._ancestors[seg] = [self.segs[a] for a in self._closure(seg) if a != seg]
+        return anc
+
+    def kv_chain(self, seg: int) -> tuple[int, ...]:
+        """KV segments of `seg`'s context while resident: the ancestors' (ascending), its own last. Memoised:
+        a logical segment keeps its KV segment until the request is detached."""
+        chain = self._kv_chains.get(seg)
+        if chain is None:
+            segs = self.segs
+            chain = self._kv_chains[seg] = (*[segs[a].kv for a in self._closure(seg) if a != seg], segs[seg].kv)
+        return chain
 
     def _next_pos(self, seg: int) -> int:
         s = self.segs[seg]
@@ -277,6 +295,7 @@ class Request:
         """Make the request resident: a KV segment per logical segment, a reference per branch context.
         Slots are allocated later, when the scheduler extends a segment (prefill, or recompute)."""
         self.kv = kv
+        self._kv_chains.clear()
         for seg in self.segs:
             seg.kv, seg.cached = kv.new_segment(), 0
         for b in self.branches:
@@ -292,6 +311,7 @@ class Request:
         for seg in self.segs:
             seg.kv, seg.cached = None, 0
         self.kv = None
+        self._kv_chains.clear()
 
     def kv_contexts(self) -> list[list[int]]:
         return [self._phys(b.ctx) for b in self.branches] if self.kv is not None else []

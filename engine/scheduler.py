@@ -19,7 +19,7 @@ from engine.kv_store import KVStore
 from engine.npr_state import Branch, Request
 
 
-@dataclass
+@dataclass(slots=True)
 class Item:
     req: Request
     seg: int
@@ -50,6 +50,8 @@ class Scheduler:
 
     # admission and preemption ------------------------------------------------------------------
     def _admit(self) -> None:
+        if not self.waiting:
+            return
         # room for every running branch's next token, then the whole of the new request
         reserve = sum(len(r.live()) for r in self.running)
         while self.waiting:
@@ -80,8 +82,7 @@ class Scheduler:
         self.retire()
         self._admit()
         while True:
-            items = self._plan()
-            need = sum(it.n for it in items)
+            items, need = self._plan()
             if need <= self.kv.num_free:
                 break
             victim = self.running[-1]
@@ -90,53 +91,63 @@ class Scheduler:
                 self.retire()
                 return self.schedule() if not self.done() else []
             self.preempt(victim)
-        for it in items:  # allocate, then fix each item's context
+        grants = []
+        for it in items:  # allocate, then fix each item's context (an ancestor may grow in this forward)
             seg = it.req.segs[it.seg]
-            self.kv.extend(seg.kv, it.n)
+            grants.append((seg.kv, it.n))
             seg.cached += it.n
+        self.kv.extend_many(grants)
         slots = self.kv.slots
         for it in items:
-            segs = it.req.segs
-            anc = [segs[s].kv for s in it.req._closure(it.seg) if s != it.seg]
-            it.kvs = (*anc, segs[it.seg].kv)
-            it.length = sum(len(slots[k]) for k in anc) + it.start + it.n
+            kvs = it.kvs = it.req.kv_chain(it.seg)
+            length = it.start + it.n
+            for k in kvs[:-1]:
+                length += len(slots[k])
+            it.length = length
         return items
 
-    def _plan(self) -> list[Item]:
+    def _plan(self) -> tuple[list[Item], int]:
+        """The items of the next forward and how many tokens they add."""
         budget = self.max_batch_tokens
         items: list[Item] = []
         planned: dict[tuple[int, int], int] = {}  # (rid, seg) -> tokens planned
 
-        def ready(req: Request, s: int, with_planned: bool) -> bool:
-            for a in req._closure(s):
-                if a == s:
-                    continue
-                seg = req.segs[a]
-                done = seg.cached + (planned.get((req.rid, a), 0) if with_planned else 0)
-                if done < len(seg.tokens):
-                    return False
-            return True
-
-        def add(req: Request, s: int, n: int, b: Branch | None = None) -> None:
-            nonlocal budget
-            seg = req.segs[s]
-            it = Item(req, s, seg.cached, n)
-            if seg.cached + n == len(seg.tokens):
-                it.sample = b or next((b for b in req.live() if b.seg == s), None)
-            items.append(it)
-            planned[(req.rid, s)] = n
-            budget -= n
-
-        for req in self.running:  # decodes first: one token per live branch
+        for req in self.running:  # decodes first: one token per live branch whose context is all cached
+            segs = req.segs
             for b in req.live():
-                seg = req.segs[b.seg]
-                if budget > 0 and len(seg.tokens) - seg.cached == 1 and ready(req, b.seg, False):
-                    add(req, b.seg, 1, b)
+                seg = segs[b.seg]
+                if budget > 0 and len(seg.tokens) - seg.cached == 1:
+                    for a in req.ancestors(b.seg):
+                        if a.cached < len(a.tokens):
+                            break
+                    else:
+                        items.append(Item(req, b.seg, seg.cached, 1, b))
+                        planned[(req.rid, b.seg)] = 1
+                        budget -= 1
+        if budget <= 0:
+            return items, self.max_batch_tokens - budget
         for req in self.running:  # then forced headers, `</step>`s and prompt chunks, in segment order
             for s, seg in enumerate(req.segs):
                 left = len(seg.tokens) - seg.cached
-                if budget <= 0:
-                    return items
-                if left > 0 and (req.rid, s) not in planned and ready(req, s, True):
-                    add(req, s, min(left, budget))
-        return items
+                if left > 0 and (req.rid, s) not in planned and self._ready(req, s, planned):
+                    n = min(left, budget)
+                    it = Item(req, s, seg.cached, n)
+                    if seg.cached + n == len(seg.tokens):
+                        it.sample = next((b for b in req.live() if b.seg == s), None)
+                    items.append(it)
+                    planned[(req.rid, s)] = n
+                    budget -= n
+                    if budget <= 0:
+                        break
+            if budget <= 0:
+                break
+        return items, self.max_batch_tokens - budget
+
+    @staticmethod
+    def _ready(req: Request, s: int, planned: dict[tuple[int, int], int]) -> bool:
+        """Every segment s sees but itself is cached or completed by the items planned so far."""
+        for a in req._closure(s):
+            seg = req.segs[a]
+            if a != s and seg.cached + planned.get((req.rid, a), 0) < len(seg.tokens):
+                return False
+        return True
