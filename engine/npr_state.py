@@ -38,6 +38,7 @@ class Request:
     def __init__(self, rid: int, prompt: list[int], limits: Limits, tags: TagIds, eos: set[int],
                  headers: dict, params=None):
         self.rid, self.limits, self.params, self.tags, self.eos = rid, limits, params, tags, eos
+        self._reacts = frozenset(eos) | tags.all  # tokens that may take a transition beyond the budget checks
         self.headers = headers  # "step": k -> ids, "join": ids (pre-tokenised, shared by all requests)
         self.max_depth = limits.max_depth if limits.parallel else 0
         self.prompt_len = len(prompt)
@@ -176,9 +177,17 @@ class Request:
         """Append a sampled token and take the transition it triggers."""
         if self.finish_reason is not None:
             return
-        tags = self.tags
-        self.append(b, token, logprob)
+        seg = self.segs[b.seg]  # `append`, inlined: this runs for every sampled row of every step
+        seg.tokens.append(token)
+        seg.positions.append(b.next_pos)
+        seg.logprobs.append(logprob)
+        b.next_pos += 1
+        b.step_tokens += 1
+        self.generated += 1
         b.own.append(token)
+        if token not in self._reacts:  # plain text (the common case): only a budget can end something
+            return self._check_budgets(b)
+        tags = self.tags
         in_step = b.fork is not None
         if token in self.eos:  # an answer ends in the trunk; a step that never closes is malformed
             return self.finish("stop" if not in_step else "format_error")

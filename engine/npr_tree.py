@@ -8,6 +8,7 @@ tests share one definition.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 
 
 @dataclass
@@ -44,7 +45,7 @@ class Branch:
     sequential: bool = False  # a fork was suppressed here: the model writes its steps itself
     forked: Fork | None = None  # the fork it waits on (state "wait")
 
-    @property
+    @cached_property  # a branch's fork never changes
     def depth(self) -> int:
         d, f = 0, self.fork
         while f is not None:
