@@ -128,6 +128,29 @@ def test_errors_are_clean():
     kv.check([])
 
 
+def test_extend_many_gives_the_slots_of_extend_one_by_one():
+    rng = random.Random(0)
+    one, many = (KVStore(num_layers=1, num_slots=512, num_kv_heads=1, head_dim=1, allocate_tensors=False)
+                 for _ in range(2))
+    sids = [(one.new_segment(), many.new_segment()) for _ in range(8)]
+    for _ in range(20):
+        grants = [(rng.randrange(len(sids)), rng.choice((1, 1, 1, rng.randrange(2, 6))))
+                  for _ in range(rng.randrange(6))]
+        for i, n in grants:
+            one.extend(sids[i][0], n)
+        many.extend_many([(sids[i][1], n) for i, n in grants])
+        if rng.random() < 0.3:  # freed slots come back in the middle of the stack
+            i = rng.randrange(len(sids))
+            one.release([sids[i][0]])
+            many.release([sids[i][1]])
+            sids[i] = (one.new_segment(), many.new_segment())
+    assert [one.slots[a] for a, _ in sids] == [many.slots[b] for _, b in sids] and one._free == many._free
+    s = many.new_segment()
+    with pytest.raises(OutOfSlots):
+        many.extend_many([(s, 1), (s, many.num_free)])
+    assert many.num_free == one.num_free and many.slots[s] == []  # all or nothing
+
+
 def test_checker_catches_leak_and_double_ownership():
     kv = KVStore(num_layers=1, num_slots=8, num_kv_heads=1, head_dim=1, allocate_tensors=False)
     s = kv.new_segment()
