@@ -180,10 +180,10 @@ class DecodeGraphs:
         g.replay() if g is not None else self._step(b)
 
     # host -> device: one copy of every row's inputs, one of the table patches ---------------------
-    def _launch(self, n: int, rows: list[tuple], patches: tuple[list, list, list]) -> torch.Tensor:
-        """rows: (id, pos, slot, len, table row) of the n real rows; patches: table (rows, cols, slots)."""
+    def _launch(self, n: int, rows: list[int], patches: tuple[list, list, list]) -> torch.Tensor:
+        """rows: (id, pos, slot, len, table row) of the n real rows, flat; patches: table (rows, cols, slots)."""
         host = np.empty((5, self.max_batch), dtype=np.int64)
-        host[:, :n] = np.array(rows, dtype=np.int64).T
+        host[:, :n] = np.array(rows, dtype=np.int64).reshape(n, 5).T
         host[:, n:] = np.array([0, 0, -1, 0, self.scratch])[:, None]  # padding rows
         self.inputs.copy_(torch.from_numpy(host), non_blocking=True)
         if patches[0]:
@@ -203,8 +203,8 @@ class DecodeGraphs:
         self.reset_rows()  # the engine's rows are overwritten
         patches = ([i for i, c in enumerate(contexts) for _ in c], [j for c in contexts for j in range(len(c))],
                    [s for c in contexts for s in c])
-        return self._launch(len(ids), [(t, p, c[-1], len(c), i) for i, (t, p, c) in enumerate(zip(ids, pos, contexts))],
-                            patches)
+        return self._launch(len(ids), [x for i, (t, p, c) in enumerate(zip(ids, pos, contexts))
+                                       for x in (t, p, c[-1], len(c), i)], patches)
 
     def reset_rows(self) -> None:
         """Forget which branch holds which table row (the engine calls it at the start of a generate)."""
@@ -225,27 +225,29 @@ class DecodeGraphs:
         it added in eager steps since its last graph step are patched in; the new slot the replay appends
         itself. Returns logits [n, V] (a view of the graph's output, valid until the next replay)."""
         self.step += 1
+        step, row_of = self.step, self.row_of
         pr, pc, ps = [], [], []
-        rows = []
+        rows = []  # flat: (id, pos, slot, len, table row) per item
         for it in items:
             seg = it.req.segs[it.seg]
-            own = slots[it.kvs[-1]]
-            n_own = it.start + 1
-            n_anc = it.length - n_own
+            kvs, start, length = it.kvs, it.start, it.length
+            own = slots[kvs[-1]]
+            n_own = start + 1
+            n_anc = length - n_own
             key = (it.req.rid, it.seg)
-            e = self.row_of.get(key)
-            if e is None or e[1] != it.kvs or e[2] != n_anc:  # (re)write the whole row, but the new slot
+            e = row_of.get(key)
+            if e is None or e[1] != kvs or e[2] != n_anc:  # (re)write the whole row, but the new slot
                 row = e[0] if e is not None else self._row()
-                e = self.row_of[key] = [row, it.kvs, n_anc, 0, 0]
+                e = row_of[key] = [row, kvs, n_anc, 0, 0]
                 pr += [row] * (n_anc + n_own - 1)
                 pc += range(n_anc + n_own - 1)
-                for k in it.kvs[:-1]:
+                for k in kvs[:-1]:
                     ps += slots[k]
                 ps += own[:n_own - 1]
             elif n_own - e[3] > 1:  # tokens of eager steps since the last graph step
                 pr += [e[0]] * (n_own - 1 - e[3])
                 pc += range(n_anc + e[3], n_anc + n_own - 1)
                 ps += own[e[3]:n_own - 1]
-            e[3], e[4] = n_own, self.step
-            rows.append((seg.tokens[it.start], seg.positions[it.start], own[n_own - 1], it.length, e[0]))
+            e[3], e[4] = n_own, step
+            rows += (seg.tokens[start], seg.positions[start], own[start], length, e[0])
         return self._launch(len(items), rows, (pr, pc, ps))

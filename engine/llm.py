@@ -13,6 +13,7 @@ Decode-only steps replay CUDA graphs (engine/cuda_graphs.py) when enabled.
 from __future__ import annotations
 
 import random
+from operator import attrgetter
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +27,8 @@ from engine.scheduler import Scheduler
 from npr_async.config import EngineConfig
 from npr_async.messages import Trajectory
 from npr_async.tags import JOIN_HEADER, TagIds, step_header
+
+_tokens, _context_len = attrgetter("n"), attrgetter("length")  # of a scheduler Item, read per row in C
 
 
 class LLM:
@@ -206,7 +209,7 @@ class LLM:
         """The DecodeGraphs for this step, or None to run it eagerly: graphs off, a prefill / header / prompt
         chunk in the step (more than one token in an item), more rows than the largest bucket, or a context
         wider than the graphs' slot table."""
-        if not self.use_graphs or any(it.n != 1 for it in items):
+        if not self.use_graphs or max(map(_tokens, items)) > 1:  # (an item has at least one token)
             return None
         if self.graphs is None:
             from engine.cuda_graphs import DecodeGraphs
@@ -217,7 +220,7 @@ class LLM:
             self.graphs = DecodeGraphs(self.model, self.kv.k, self.kv.v, width, sample=False,
                                        compile=self.compile_graphs)
             self.graphs.capture()
-        if len(items) > self.graphs.max_batch or max(it.length for it in items) > self.graphs.max_context:
+        if len(items) > self.graphs.max_batch or max(map(_context_len, items)) > self.graphs.max_context:
             return None
         return self.graphs
 

@@ -249,15 +249,16 @@ class BatchSampler:
 
     def __call__(self, logits: torch.Tensor, todo) -> tuple[list[int], list[float]]:
         """Sample row i of float logits [len(todo), V] (changed in place) for todo[i].sample of todo[i].req."""
-        prs, ks = [], []
+        n = len(todo)
+        prs, ks = [], []  # flat, n rows each: numpy converts one flat list faster than a list of tuples
         for it in todo:
             b = it.sample
             seed, pr, row = b.draw or self._attach(it.req, b)
-            prs.append(pr)
-            ks.append((seed, b.next_pos, row, len(b.own) if row else 0))
-        ints = np.array(ks, dtype=np.int64).T  # stream seed, position, table row, own tokens so far
-        f = np.empty((6, len(todo)), dtype=np.float32)
-        f[:5] = np.array(prs, dtype=np.float32).T
+            prs += pr
+            ks += (seed, b.next_pos, row, len(b.own) if row else 0)
+        ints = np.array(ks, dtype=np.int64).reshape(n, 4).T  # stream seed, position, table row, own tokens so far
+        f = np.empty((6, n), dtype=np.float32)
+        f[:5] = np.array(prs, dtype=np.float32).reshape(n, 5).T
         f[5] = uniforms(ints[0], ints[1])
         dev = self.device
         fd = torch.from_numpy(f).to(dev, non_blocking=True)
@@ -271,5 +272,5 @@ class BatchSampler:
         tokens, logprobs = draw(logits, fd, f)
         if table is not None:  # own tokens, on the device (rows without a penalty all write the dummy row)
             self.seen[td[0], td[1]] = tokens.int()
-        out = torch.stack((tokens.double(), logprobs.double())).tolist()
-        return [int(t) for t in out[0]], out[1]
+        out = torch.stack((tokens.double(), logprobs.double())).cpu().numpy()
+        return out[0].astype(np.int64).tolist(), out[1].tolist()
