@@ -12,6 +12,7 @@ Decode-only steps replay CUDA graphs (engine/cuda_graphs.py) when enabled.
 """
 from __future__ import annotations
 
+import functools
 import random
 from operator import attrgetter
 from pathlib import Path
@@ -57,8 +58,8 @@ class LLM:
         self.eos = {i for i in (self.tokenizer.eos_token_id, self.tokenizer.convert_tokens_to_ids("<|im_end|>"))
                     if isinstance(i, int) and i >= 0 and i != self.tokenizer.unk_token_id}
         enc = lambda s: self.tokenizer.encode(s, add_special_tokens=False)  # noqa: E731
-        steps: dict[int, list[int]] = {}
-        self.headers = {"step": lambda k: steps.setdefault(k, enc(step_header(k))), "join": enc(JOIN_HEADER)}
+        # tokenised once per step index (a fork asks for each of its K headers)
+        self.headers = {"step": functools.cache(lambda k: enc(step_header(k))), "join": enc(JOIN_HEADER)}
         a = model.args
         dtype = next(model.parameters()).dtype
         self.kv = KVStore(a.num_layers, config.kv_slots, a.num_kv_heads, a.head_dim, dtype, self.device)

@@ -92,16 +92,16 @@ class Scheduler:
                 return self.schedule() if not self.done() else []
             self.preempt(victim)
         grants = []
-        for it in items:  # allocate, then fix each item's context (an ancestor may grow in this forward)
-            seg = it.req.segs[it.seg]
-            grants.append((seg.kv, it.n))
-            seg.cached += it.n
+        for it in items:  # allocate, then count each item's context (an ancestor may grow in this forward)
+            req, n = it.req, it.n
+            kvs = it.kvs = req.kv_chain(it.seg)
+            grants.append((kvs[-1], n))
+            req.segs[it.seg].cached += n
         self.kv.extend_many(grants)
         slots = self.kv.slots
         for it in items:
-            kvs = it.kvs = it.req.kv_chain(it.seg)
             length = it.start + it.n
-            for k in kvs[:-1]:
+            for k in it.kvs[:-1]:
                 length += len(slots[k])
             it.length = length
         return items
@@ -112,17 +112,20 @@ class Scheduler:
         items: list[Item] = []
         planned: dict[tuple[int, int], int] = {}  # (rid, seg) -> tokens planned
 
+        add = items.append
         for req in self.running:  # decodes first: one token per live branch whose context is all cached
-            segs = req.segs
+            segs, ancestors, rid = req.segs, req.ancestors, req.rid
             for b in req.live():
-                seg = segs[b.seg]
-                if budget > 0 and len(seg.tokens) - seg.cached == 1:
-                    for a in req.ancestors(b.seg):
+                s = b.seg
+                seg = segs[s]
+                start = seg.cached
+                if budget > 0 and len(seg.tokens) - start == 1:
+                    for a in ancestors(s):
                         if a.cached < len(a.tokens):
                             break
                     else:
-                        items.append(Item(req, b.seg, seg.cached, 1, b))
-                        planned[(req.rid, b.seg)] = 1
+                        add(Item(req, s, start, 1, b))
+                        planned[rid, s] = 1
                         budget -= 1
         if budget <= 0:
             return items, self.max_batch_tokens - budget
