@@ -118,7 +118,7 @@ def bench_ours(model, args, res):
     cfg = model.args
     kv_token_bytes = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * 2
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    batches = [int(b) for b in args.batches.split(",")]
+    batches = [int(b) for b in args.batches.split(",") if b]
     ks = [int(k) for k in args.forks.split(",") if k]
     max_ctx = args.prompt + max(ks, default=1) * args.branch_len + 8
     free, total = torch.cuda.mem_get_info()
@@ -151,7 +151,7 @@ def bench_ours(model, args, res):
                          roofline_frac=roof_t / t_dec, prefill_s=t_pre, total_s=t_all))
         print(f"ours b={b}: {rows[-1]}", flush=True)
     res["decode"] = rows
-    if args.profile:
+    if args.profile and batches:
         for b in (batches[0], batches[-1]):
             res[f"profile_b{b}"] = profile_step(g, b, args.out)
     forks = []
@@ -200,7 +200,7 @@ def bench_llm(model, args, res, save=lambda: None):
     slots = args.llm_slots or max(r * (args.prompt + k * L + takeaway + 16) for r, k in llm_cases(args))
     res["llm_slots"] = slots
     out = []
-    for graphs in (True, False):
+    for graphs in (True, False) if args.llm_eager else (True,):
         llm = LLM(model, tok, EngineConfig(kv_slots=slots, max_batch_tokens=8192, max_plans=16,
                                            attention_backend="triton", cuda_graphs=graphs), device="cuda",
                   compile_graphs=bool(args.compile))
@@ -269,7 +269,7 @@ def bench_hf(model, args, res, save):
     torch.cuda.reset_peak_memory_stats()
     compiled = {int(b) for b in args.hf_compile.split(",") if b}
     out = []
-    for b in [int(x) for x in args.batches.split(",")]:
+    for b in [int(x) for x in args.batches.split(",") if x]:
         ids = torch.randint(0, QWEN3_4B["vocab_size"], (b, args.prompt), device="cuda")
         kw = dict(attention_mask=torch.ones_like(ids), do_sample=False, cache_implementation="static",
                   pad_token_id=0)
@@ -333,6 +333,7 @@ def main(argv=None) -> int:
     ap.add_argument("--hf-compile", default="", help="batch sizes whose HF generate is torch.compiled")
     ap.add_argument("--fuse", type=int, default=1, help="fused q/k/v and gate/up GEMMs (engine inference)")
     ap.add_argument("--llm", default="1x4,16x4", help="engine.LLM loop cases RxK ('' skips)")
+    ap.add_argument("--llm-eager", type=int, default=1, help="0: the engine.LLM cases with CUDA graphs only")
     ap.add_argument("--llm-slots", type=int, default=0, help="KV slots of the engine.LLM runs (0: the largest "
                     "case whole, no preemption)")
     ap.add_argument("--out", default=os.environ.get("OUT", "out"))
