@@ -8,7 +8,6 @@ tests share one definition.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from functools import cached_property
 
 
 @dataclass
@@ -45,9 +44,6 @@ class Branch:
     sequential: bool = False  # a fork was suppressed here: the model writes its steps itself
     forked: Fork | None = None  # the fork it waits on (state "wait")
 
-    @cached_property  # a branch's fork never changes
-    def depth(self) -> int:
-        d, f = 0, self.fork
-        while f is not None:
-            d, f = d + 1, f.parent.fork
-        return d
+    def __post_init__(self):
+        # fork levels above it, counted once (a branch's fork never changes; read at every sampled token)
+        self.depth = 0 if self.fork is None else self.fork.parent.depth + 1
