@@ -272,5 +272,5 @@ class BatchSampler:
         tokens, logprobs = draw(logits, fd, f)
         if table is not None:  # own tokens, on the device (rows without a penalty all write the dummy row)
             self.seen[td[0], td[1]] = tokens.int()
-        out = torch.stack((tokens.double(), logprobs.double())).cpu().numpy()
-        return out[0].astype(np.int64).tolist(), out[1].tolist()
+        out = torch.stack((tokens.double(), logprobs.double())).tolist()
+        return list(map(int, out[0])), out[1]
