@@ -9,7 +9,7 @@ from collections import Counter
 import msgspec
 import pytest
 
-from npr_async.evaluation import EvalResult, SampleResult, default_sampling, evaluate, render_table, \
+from npr_async.evaluation import default_sampling, evaluate, render_table, \
     score_response, summarize
 from npr_async.messages import Trajectory
 from npr_async.task import make_dataset

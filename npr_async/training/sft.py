@@ -7,7 +7,6 @@ training either. The loss is completion-only cross-entropy (the prompt is never 
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from typing import Callable
 
 import numpy as np
