@@ -170,13 +170,28 @@ def papo_step(args, margs, trajs, v: dict, device) -> dict:
     return out
 
 
+def flex_options(spec: str) -> dict[str, dict]:
+    """--flex-options "BLOCK_M=64,BLOCK_N=64;num_stages=2" -> {"flex[BLOCK_M=64,BLOCK_N=64]": {...}, ...}."""
+    out = {}
+    for case in filter(None, spec.split(";")):
+        kv = dict(p.split("=", 1) for p in case.split(","))
+        out[f"flex[{case}]"] = {k.strip(): int(v) if v.strip().lstrip("-").isdigit() else v.strip() == "True"
+                                for k, v in kv.items()}
+    return out
+
+
 def attention_only(args, margs, trajs, device) -> dict:
-    """One layer's attention forward+backward at the full pack: flex BlockMask vs SDPA + dense bool mask."""
+    """One layer's attention forward+backward at the full pack: flex BlockMask (defaults, then each of
+    --flex-options) vs SDPA + dense bool mask. The mask is built once, outside the timed loop, as the trainer
+    builds it once per micro-batch for every layer; its build time is reported apart (`mask_s`)."""
+    from npr_async.training.flex import FlexAttention, build_block_mask
+
     mb = collate([Sample.from_trajectory(t) for t in trajs]).to(device)
     t, hq, hkv, dh = mb.num_tokens, margs.num_heads, margs.num_kv_heads, margs.head_dim
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    cases = {"flex": None, **flex_options(args.flex_options), "dense": None} if device.type == "cuda" else {"dense": None}
     res = {}
-    for name in (["flex", "dense"] if device.type == "cuda" else ["dense"]):
+    for name, opts in cases.items():
         try:
             if device.type == "cuda":
                 torch.cuda.empty_cache()
@@ -185,26 +200,32 @@ def attention_only(args, margs, trajs, device) -> dict:
             q = torch.randn(t, hq, dh, device=device, dtype=dtype, requires_grad=True)
             k = torch.randn(t, hkv, dh, device=device, dtype=dtype, requires_grad=True)
             v = torch.randn(t, hkv, dh, device=device, dtype=dtype, requires_grad=True)
+            build = (lambda: build_block_mask(mb.segment_ids, mb.ancestors)) if name != "dense" else mb.dense_mask
+            build()  # warm-up (the compiled mask construction)
+            sync(device)
+            t0 = time.perf_counter()
+            mask = build()
+            sync(device)
+            mask_s = time.perf_counter() - t0
+            attn = FlexAttention(mask, kernel_options=opts) if name != "dense" else MaskedAttention(mask)
             times = []
             for i in range(args.warmup + args.steps):
                 sync(device)
                 t0 = time.perf_counter()
-                if name == "flex":
-                    from npr_async.training.flex import FlexAttention, build_block_mask
-
-                    attn = FlexAttention(build_block_mask(mb.segment_ids, mb.ancestors))
-                else:
-                    attn = MaskedAttention(mb.dense_mask())
                 attn(0, q, k, v).float().sum().backward()
                 sync(device)
                 if i >= args.warmup:
                     times.append(time.perf_counter() - t0)
-            res[name] = {"fwd_bwd_s": float(np.median(times))}
+            res[name] = {"fwd_bwd_s": float(np.median(times)), "mask_s": mask_s, "kernel_options": opts}
             if device.type == "cuda":
                 res[name]["peak_mem_gb"] = (torch.cuda.max_memory_allocated() - base) / 2**30
-            del q, k, v
+            del q, k, v, attn, mask
         except torch.cuda.OutOfMemoryError as e:
             res[name] = {"error": f"OOM: {str(e)[:200]}"}
+        except Exception as e:  # a flex tile configuration the GPU cannot run: record it, go on
+            if name in ("flex", "dense"):
+                raise
+            res[name] = {"error": f"{type(e).__name__}: {str(e)[:200]}"}
     if "flex" in res and "dense" in res and "error" not in res["flex"] and "error" not in res["dense"]:
         res["dense_over_flex_time"] = res["dense"]["fwd_bwd_s"] / res["flex"]["fwd_bwd_s"]
         res["dense_over_flex_mem"] = res["dense"]["peak_mem_gb"] / max(res["flex"]["peak_mem_gb"], 1e-9)
@@ -224,6 +245,8 @@ def main() -> int:
     ap.add_argument("--attn", default="flex,dense", help="without --variants: one variant per attention")
     ap.add_argument("--no-checkpointing", action="store_true", help="without --variants: ckpt=none")
     ap.add_argument("--no-attention-only", action="store_true", help="skip the attention-only comparison")
+    ap.add_argument("--flex-options", default="", help="attention-only: flex kernel_options cases to add, e.g. "
+                    "'BLOCK_M=64,BLOCK_N=64;num_stages=2' (';' between cases)")
     ap.add_argument("--profile", action="store_true",
                     help="top GPU kernels of each variant's last step, saved next to --out")
     ap.add_argument("--peak-tflops", type=float, default=0.0, help="bf16 peak (default: from the GPU name)")

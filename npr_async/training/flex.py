@@ -42,13 +42,14 @@ def build_block_mask(segment_ids: torch.Tensor, ancestors: torch.Tensor, block_s
 class FlexAttention:
     """`attn(layer_idx, q, k, v)` over the micro-batch's own tokens under a visibility BlockMask."""
 
-    def __init__(self, block_mask: BlockMask, compiled: bool | None = None):
+    def __init__(self, block_mask: BlockMask, compiled: bool | None = None, kernel_options: dict | None = None):
         self.block_mask = block_mask
         self.compiled = compiled
+        self.kernel_options = kernel_options  # flex's Triton tile sizes etc. (None: its defaults)
 
     def __call__(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         compiled = q.is_cuda if self.compiled is None else self.compiled
         fn = _flex() if compiled else flex_attention
         out = fn(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
-                 block_mask=self.block_mask, enable_gqa=q.shape[1] != k.shape[1])
+                 block_mask=self.block_mask, enable_gqa=q.shape[1] != k.shape[1], kernel_options=self.kernel_options)
         return out[0].transpose(0, 1)
