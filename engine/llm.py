@@ -183,8 +183,8 @@ class LLM:
         for it, t, lp in zip(todo, tokens, logprobs):
             it.req.on_sampled(it.sample, t, lp)
         for it in todo:  # table rows of branches that will not sample again go back
-            if it.req.finish_reason is not None:
-                self.sampler.release(it.req.branches)
+            if it.req.finish_reason is not None:  # (its own branch too: a step closed by a join is no longer listed)
+                self.sampler.release((it.sample, *it.req.branches))
             elif it.sample.state == "done":
                 self.sampler.release((it.sample,))
 

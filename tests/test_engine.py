@@ -152,6 +152,8 @@ def test_same_seed_same_trajectory_whatever_the_batch(tiny):
     crowd = llm.generate(PROMPTS[:2] + PROMPTS[4:5] + PROMPTS[3:6], [q, params(temperature=0.0), p, q, q, q])
     assert alone.num_forks >= 1 and np.array_equal(alone.ids(), crowd[2].ids())
     np.testing.assert_allclose(alone.lps(), crowd[2].lps(), atol=1e-5, equal_nan=True)
+    s = llm.sampler  # every penalty-table row came back (all requests finished)
+    assert len(s.free) == s.seen.shape[0] - 1, (len(s.free), s.seen.shape)
 
 
 def test_version_guard(tiny):
