@@ -20,7 +20,7 @@ def test_embedded_default_loads_and_matches_its_yaml():
             else:
                 assert got[key] == value, f"{path}{key}"
     check(tree, loaded, "")
-    assert cfg.learner.lr == 1e-4 and cfg.model.preset == "tiny" and cfg.stage == "stage2+3"
+    assert cfg.learner.lr == 5e-5 and cfg.model.preset == "tiny" and cfg.stage == "stage2+3"
 
 
 @pytest.mark.parametrize("path", sorted(CONFIG_DIR.glob("*.yaml")), ids=lambda p: p.name)
