@@ -174,10 +174,17 @@ def flex_options(spec: str) -> dict[str, dict]:
     """--flex-options "BLOCK_M=64,BLOCK_N=64;num_stages=2" -> {"flex[BLOCK_M=64,BLOCK_N=64]": {...}, ...}."""
     out = {}
     for case in filter(None, spec.split(";")):
-        kv = dict(p.split("=", 1) for p in case.split(","))
-        out[f"flex[{case}]"] = {k.strip(): int(v) if v.strip().lstrip("-").isdigit() else v.strip() == "True"
-                                for k, v in kv.items()}
+        out[f"flex[{case}]"] = {k.strip(): option_value(v.strip()) for k, v in (p.split("=", 1) for p in case.split(","))}
     return out
+
+
+def option_value(text: str) -> int | bool:
+    if text in ("True", "False"):
+        return text == "True"
+    try:
+        return int(text)
+    except ValueError:
+        raise SystemExit(f"--flex-options: {text!r} is neither an integer nor True/False") from None
 
 
 def attention_only(args, margs, trajs, device) -> dict:

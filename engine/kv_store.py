@@ -45,22 +45,19 @@ class KVStore:
 
     def extend(self, sid: int, n: int) -> list[int]:
         """Give segment `sid` n more slots (all or nothing) and return them."""
-        if n > len(self._free):
-            raise OutOfSlots(f"need {n} KV slots, {len(self._free)} free of {self.num_slots}")
-        new = [self._free.pop() for _ in range(n)]
-        self.slots[sid].extend(new)
-        return new
+        self.extend_many([(sid, n)])
+        return self.slots[sid][len(self.slots[sid]) - n:]
 
     def extend_many(self, grants: list[tuple[int, int]]) -> None:
-        """`extend(sid, n)` for each (sid, n) in order, the same slots as one by one, in one pass over the pool
-        (all or nothing)."""
+        """Segment sid gets n more slots for each (sid, n), in order, in one pass over the pool (all or nothing):
+        the same slots as one `extend` per grant, popped from the end of the free stack."""
         free = self._free
         need = sum(n for _, n in grants)
         if need > len(free):
             raise OutOfSlots(f"need {need} KV slots, {len(free)} free of {self.num_slots}")
         new = free[len(free) - need:]
         del free[len(free) - need:]
-        new.reverse()  # extend pops from the end of the stack
+        new.reverse()  # the order one pop at a time from the end of the stack would give
         slots, i = self.slots, 0
         for sid, n in grants:
             if n == 1:

@@ -125,8 +125,7 @@ class Request:
         a logical segment keeps its KV segment until the request is detached."""
         chain = self._kv_chains.get(seg)
         if chain is None:
-            segs = self.segs
-            chain = self._kv_chains[seg] = (*[segs[a].kv for a in self._closure(seg) if a != seg], segs[seg].kv)
+            chain = self._kv_chains[seg] = (*[a.kv for a in self.ancestors(seg)], self.segs[seg].kv)
         return chain
 
     def _next_pos(self, seg: int) -> int:
@@ -177,13 +176,7 @@ class Request:
         """Append a sampled token and take the transition it triggers."""
         if self.finish_reason is not None:
             return
-        seg = self.segs[b.seg]  # `append`, inlined: this runs for every sampled row of every step
-        seg.tokens.append(token)
-        seg.positions.append(b.next_pos)
-        seg.logprobs.append(logprob)
-        b.next_pos += 1
-        b.step_tokens += 1
-        self.generated += 1
+        self.append(b, token, logprob)
         b.own.append(token)
         if token not in self._reacts:  # plain text (the common case): only a budget can end something
             return self._check_budgets(b)
