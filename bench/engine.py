@@ -129,28 +129,17 @@ def bench_ours(model, args, res):
     res["kv_capacity_tokens"] = slots
     res["kv_pool_gib"] = round(2 * k_cache.numel() * 2 / 2**30, 2)
     rows = sorted(set(batches + ks + [r * k for r, k in llm_cases(args)]))
-    g = DecodeGraphs(model, k_cache, v_cache, max_ctx, buckets=rows, compile=bool(args.compile))
+    gemms = [x for x in args.gemm.split(",") if x]
     res["compiled_decode"] = bool(args.compile)
-    res["graph_capture_s"] = round(timed(lambda: g.capture()), 2)
-    run = Runner(model, g, torch.randperm(slots, device="cuda"))  # scattered slots, as in a live pool
+    res["decode_by_gemm"] = {}
+    for gemm in reversed(gemms):  # the first (the run's default) last, so its graphs serve the rest
+        set_gemm(model, gemm)
+        g = DecodeGraphs(model, k_cache, v_cache, max_ctx, buckets=rows, compile=bool(args.compile))
+        res[f"graph_capture_s_{gemm}"] = round(timed(lambda: g.capture()), 2)
+        run = Runner(model, g, torch.randperm(slots, device="cuda"))  # scattered slots, as in a live pool
+        res["decode_by_gemm"][gemm] = measure_decode(run, args, res, batches, weight_bytes, kv_token_bytes, gemm)
+    res["decode"] = res["decode_by_gemm"][gemms[0]]
     V = cfg.vocab_size
-    rows = []
-    for b in batches:
-        prompts = torch.randint(0, V, (b, args.prompt), device="cuda")
-        run.generate(prompts, 1, 8, 0.0)  # warm-up (prefill shapes)
-        with torch.inference_mode():
-            t_pre = timed(lambda: run.model(prompts.flatten(), torch.arange(args.prompt, device="cuda").repeat(b),
-                                            Prefill(k_cache, v_cache, run.perm[:b * args.prompt].int(), b, args.prompt)))
-        t_all = timed(lambda: run.generate(prompts, 1, args.new, 0.0))
-        t_dec = t_all - t_pre
-        steps = args.new - 1
-        nbytes = decode_bytes(weight_bytes, kv_token_bytes, b, args.prompt, steps)
-        roof_t = nbytes / res["copy_bw"]
-        rows.append(dict(batch=b, e2e_tok_s=b * args.new / t_all, decode_tok_s=b * steps / t_dec,
-                         step_ms=1e3 * t_dec / steps, roofline_tok_s=b * steps / roof_t,
-                         roofline_frac=roof_t / t_dec, prefill_s=t_pre, total_s=t_all))
-        print(f"ours b={b}: {rows[-1]}", flush=True)
-    res["decode"] = rows
     if args.profile and batches:
         for b in (batches[0], batches[-1]):
             res[f"profile_b{b}"] = profile_step(g, b, args.out)
@@ -174,6 +163,38 @@ def bench_ours(model, args, res):
     res["peak_gib_ours"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
     del g, run, k_cache, v_cache
     torch.cuda.empty_cache()
+
+
+def set_gemm(model, gemm: str) -> None:
+    """--gemm: 'triton' = the engine's decode GEMM (engine/decode_linear.py), 'torch' = F.linear (cuBLAS)."""
+    from engine import triton_gemm
+    from engine.decode_linear import decode_linear
+
+    model.set_gemm(decode_linear)  # the same traced graph either way: the choice is made inside the op
+    triton_gemm.MAX_ROWS = {"triton": triton_gemm.DEFAULT_MAX_ROWS, "torch": 0}[gemm]
+
+
+def measure_decode(run, args, res, batches, weight_bytes, kv_token_bytes, tag) -> list[dict]:
+    """Decode tok/s and fraction of the roofline per batch size: `new` tokens after a `prompt`-token prefill
+    (timed apart and subtracted), greedy."""
+    k_cache, v_cache = run.g.k, run.g.v
+    rows = []
+    for b in batches:
+        prompts = torch.randint(0, run.model.args.vocab_size, (b, args.prompt), device="cuda")
+        run.generate(prompts, 1, 8, 0.0)  # warm-up (prefill shapes)
+        with torch.inference_mode():
+            t_pre = timed(lambda: run.model(prompts.flatten(), torch.arange(args.prompt, device="cuda").repeat(b),
+                                            Prefill(k_cache, v_cache, run.perm[:b * args.prompt].int(), b, args.prompt)))
+        t_all = timed(lambda: run.generate(prompts, 1, args.new, 0.0))
+        t_dec = t_all - t_pre
+        steps = args.new - 1
+        nbytes = decode_bytes(weight_bytes, kv_token_bytes, b, args.prompt, steps)
+        roof_t = nbytes / res["copy_bw"]
+        rows.append(dict(batch=b, e2e_tok_s=b * args.new / t_all, decode_tok_s=b * steps / t_dec,
+                         step_ms=1e3 * t_dec / steps, roofline_tok_s=b * steps / roof_t,
+                         roofline_frac=roof_t / t_dec, prefill_s=t_pre, total_s=t_all))
+        print(f"ours ({tag} GEMMs) b={b}: {rows[-1]}", flush=True)
+    return rows
 
 
 def llm_cases(args) -> list[tuple[int, int]]:
@@ -331,6 +352,8 @@ def main(argv=None) -> int:
     ap.add_argument("--compile", type=int, default=1, help="torch.compile the decode step inside the graphs")
     ap.add_argument("--profile", type=int, default=0, help="1: per-kernel GPU time of one step")
     ap.add_argument("--hf-compile", default="", help="batch sizes whose HF generate is torch.compiled")
+    ap.add_argument("--gemm", default="triton", help="decode GEMMs: triton (engine default), torch (cuBLAS); "
+                    "a list measures the decode table once per entry, the first is used for everything else")
     ap.add_argument("--fuse", type=int, default=1, help="fused q/k/v and gate/up GEMMs (engine inference)")
     ap.add_argument("--llm", default="1x4,16x4", help="engine.LLM loop cases RxK ('' skips)")
     ap.add_argument("--llm-eager", type=int, default=1, help="0: the engine.LLM cases with CUDA graphs only")

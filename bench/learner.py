@@ -224,8 +224,11 @@ def attention_only(args, margs, trajs, device) -> dict:
                 if i >= args.warmup:
                     times.append(time.perf_counter() - t0)
             res[name] = {"fwd_bwd_s": float(np.median(times)), "mask_s": mask_s, "kernel_options": opts}
-            if device.type == "cuda":
+            if device.type == "cuda":  # peak from before q/k/v; `work`: above what both need (q/k/v,
+                # their grads, the output and its grad), i.e. the mask and the kernels' workspace
                 res[name]["peak_mem_gb"] = (torch.cuda.max_memory_allocated() - base) / 2**30
+                io = 2 * (q.numel() + k.numel() + v.numel() + q.numel()) * q.element_size()
+                res[name]["work_mem_gb"] = res[name]["peak_mem_gb"] - io / 2**30
             del q, k, v, attn, mask
         except torch.cuda.OutOfMemoryError as e:
             res[name] = {"error": f"OOM: {str(e)[:200]}"}
@@ -236,6 +239,10 @@ def attention_only(args, margs, trajs, device) -> dict:
     if "flex" in res and "dense" in res and "error" not in res["flex"] and "error" not in res["dense"]:
         res["dense_over_flex_time"] = res["dense"]["fwd_bwd_s"] / res["flex"]["fwd_bwd_s"]
         res["dense_over_flex_mem"] = res["dense"]["peak_mem_gb"] / max(res["flex"]["peak_mem_gb"], 1e-9)
+        res["dense_over_flex_work_mem"] = res["dense"]["work_mem_gb"] / max(res["flex"]["work_mem_gb"], 1e-9)
+        fastest = min((r for r in res.values() if isinstance(r, dict) and "fwd_bwd_s" in r and r is not res["dense"]),
+                      key=lambda r: r["fwd_bwd_s"])
+        res["dense_over_best_flex_time"] = res["dense"]["fwd_bwd_s"] / fastest["fwd_bwd_s"]
     return res
 
 

@@ -18,8 +18,10 @@ FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj
 def _fused_linear(*parts: nn.Linear) -> nn.Linear:
     """One Linear whose weight (and bias) rows are the parts' stacked in order, same device and dtype."""
     w = parts[0].weight
-    out = nn.Linear(w.shape[1], sum(p.out_features for p in parts), bias=parts[0].bias is not None,
-                    device=w.device, dtype=w.dtype)
+    out = type(parts[0])(w.shape[1], sum(p.out_features for p in parts), bias=parts[0].bias is not None,
+                         device=w.device, dtype=w.dtype)  # the parts' class (engine.model.Linear)
+    if hasattr(parts[0], "gemm"):
+        out.gemm = parts[0].gemm
     with torch.no_grad():
         out.weight.copy_(torch.cat([p.weight for p in parts]))
         if out.bias is not None:

@@ -68,6 +68,10 @@ class LLM:
             from engine.triton_attention import TritonPagedAttention
 
             self.attn = TritonPagedAttention(self.kv)
+        if config.decode_gemm == "triton" and self.device.type == "cuda" and hasattr(self.model, "set_gemm"):
+            from engine.decode_linear import decode_linear
+
+            self.model.set_gemm(decode_linear)
         # CUDA graphs for decode-only steps, captured at the first one (GPU only; else eager every step)
         self.use_graphs = bool(config.cuda_graphs) and self.device.type == "cuda"
         self.graphs, self.compile_graphs = None, compile_graphs

@@ -61,6 +61,7 @@ class EngineConfig(Section):
     max_batch_tokens: Pos = 8192  # tokens per forward (prefill chunks + decodes)
     attention_backend: Literal["torch", "triton"] = "torch"
     cuda_graphs: bool = False
+    decode_gemm: Literal["torch", "triton"] = "triton"  # on CUDA: projections of small batches (engine/decode_linear.py)
     branch_repetition_penalty: PosFloat = 1.02
 
 

@@ -1,0 +1,122 @@
+"""Decode GEMM sweep: `engine.triton_gemm.skinny_linear` vs cuBLAS (`F.linear`) on the projections of one model
+shape, at the row counts of decode batches, as a fraction of the copy bandwidth measured in the same run.
+
+    python3 bench/gemm.py --rows 1,16,64 --out $OUT/gemm.json
+
+Each product is timed inside a CUDA graph (as the engine runs it: no launch overhead) over enough distinct
+weight copies to exceed L2 (>= 512 MB streamed per replay), so the time is HBM time. For every row count the
+table sums one decode step's GEMMs (q/k/v, o, gate/up, down per layer, and the LM head) for cuBLAS, for the
+engine's default config and for the best config of the sweep (per product), so the default can be chosen
+from the same numbers.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.engine import copy_bandwidth  # noqa: E402
+from engine.triton_gemm import skinny_linear  # noqa: E402
+
+SHAPES = {  # name -> (N, K, times per step); Qwen3-4B: hidden 2560, 32 x 128 q heads, 8 kv heads, MLP 9728
+    "qwen3-4b": {"qkv": (6144, 2560, 36), "o": (2560, 4096, 36), "gate_up": (19456, 2560, 36),
+                 "down": (2560, 9728, 36), "lm_head": (151936, 2560, 1)},
+    "qwen3-0.6b": {"qkv": (4096, 1024, 28), "o": (1024, 2048, 28), "gate_up": (6144, 1024, 28),
+                   "down": (1024, 3072, 28), "lm_head": (151936, 1024, 1)},
+}
+
+
+def graph_ms(fn, replays: int = 20) -> float:
+    """Milliseconds per call of `fn` replayed from a CUDA graph."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        fn()  # warm-up off the capture stream: compiles, cuBLAS heuristics
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    g.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(replays):
+        g.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / replays
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shape", default="qwen3-4b", choices=sorted(SHAPES))
+    ap.add_argument("--rows", default="1,16,64")
+    ap.add_argument("--block-n", default="32,64,128")
+    ap.add_argument("--block-k", default="128,256")
+    ap.add_argument("--waves", default="1,2,4")
+    ap.add_argument("--stages", default="3,4,5")
+    ap.add_argument("--warps", default="4")
+    ap.add_argument("--out", required=True)
+    a = ap.parse_args()
+    dev, dtype = torch.device("cuda"), torch.bfloat16
+    ints = lambda s: [int(v) for v in s.split(",") if v]  # noqa: E731
+    grid = list(itertools.product(*(ints(v) for v in (a.block_n, a.block_k, a.waves, a.stages, a.warps))))
+    res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "shape": a.shape,
+           "copy_bw": copy_bandwidth(), "cases": []}
+    print(f"{res['device']} copy {res['copy_bw'] / 1e12:.2f} TB/s, {len(grid)} configs", flush=True)
+    steps = {}
+    for name, (n, k, times) in SHAPES[a.shape].items():
+        copies = max(1, -(-(512 << 20) // (n * k * 2)))
+        ws = [torch.randn(n, k, device=dev, dtype=dtype) / k ** 0.5 for _ in range(copies)]
+        for m in ints(a.rows):
+            x = torch.randn(m, k, device=dev, dtype=dtype)
+            ref = F.linear(x.float(), ws[0].float())
+            nbytes = n * k * 2 + (m * k + m * n) * 2
+            case = {"product": name, "rows": m, "N": n, "K": k, "bytes": nbytes, "configs": []}
+            case["cublas_ms"] = graph_ms(lambda: [F.linear(x, w) for w in ws]) / copies
+            case["default_ms"] = graph_ms(lambda: [skinny_linear(x, w) for w in ws]) / copies
+            err = (skinny_linear(x, ws[0]).float() - ref).abs().max().item()
+            case["default_err"] = err
+            for bn, bk, wv, st, wp in grid:
+                tune = dict(block_n=bn, block_k=bk, waves=wv, num_stages=st, num_warps=wp)
+                try:
+                    e = (skinny_linear(x, ws[0], **tune).float() - ref).abs().max().item()
+                    ms = graph_ms(lambda: [skinny_linear(x, w, **tune) for w in ws]) / copies
+                except Exception as exc:  # out of shared memory etc.: recorded, not fatal
+                    case["configs"].append({**tune, "error": f"{type(exc).__name__}: {exc}"[:200]})
+                    continue
+                case["configs"].append({**tune, "ms": ms, "err": e})
+            ok = [c for c in case["configs"] if "ms" in c and c["err"] <= 2e-2 * ref.abs().max().item()]
+            best = min(ok, key=lambda c: c["ms"])
+            case["best"] = best
+            for key in ("cublas", "default"):
+                case[f"{key}_frac"] = nbytes / (case[f"{key}_ms"] * 1e-3) / res["copy_bw"]
+            case["best_frac"] = nbytes / (best["ms"] * 1e-3) / res["copy_bw"]
+            res["cases"].append(case)
+            st = steps.setdefault(m, {"cublas_ms": 0.0, "default_ms": 0.0, "best_ms": 0.0, "bytes": 0})
+            st["cublas_ms"] += times * case["cublas_ms"]
+            st["default_ms"] += times * case["default_ms"]
+            st["best_ms"] += times * best["ms"]
+            st["bytes"] += times * nbytes
+            print(f"{name:8s} M={m:4d} cuBLAS {case['cublas_frac']:.0%}  default {case['default_frac']:.0%}  "
+                  f"best {case['best_frac']:.0%} {({k: v for k, v in best.items() if k not in ('ms', 'err')})}",
+                  flush=True)
+            Path(a.out).write_text(json.dumps({**res, "steps": steps}, indent=1))
+        del ws
+    for m, st in steps.items():
+        frac = {k: st["bytes"] / (st[f"{k}_ms"] * 1e-3) / res["copy_bw"] for k in ("cublas", "default", "best")}
+        print(f"step M={m}: cuBLAS {st['cublas_ms']:.3f} ms ({frac['cublas']:.0%})  default {st['default_ms']:.3f} "
+              f"({frac['default']:.0%})  best-per-product {st['best_ms']:.3f} ({frac['best']:.0%})", flush=True)
+    res["steps"] = steps
+    Path(a.out).write_text(json.dumps(res, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

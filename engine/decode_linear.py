@@ -1,0 +1,35 @@
+"""The engine's GEMM for projections and the LM head (`CausalLM.set_gemm(decode_linear)`).
+
+Decode batches of at most `triton_gemm.MAX_ROWS` rows on a GPU go to the Triton skinny GEMM (weight
+streaming: engine/triton_gemm.py); everything else (prefill, big batches, CPU, float32) to F.linear. The
+choice is made inside an opaque custom op from the concrete row count, so one dynamic-shape torch.compile of
+the decode step serves every CUDA-graph bucket, and `triton_gemm.MAX_ROWS = 0` switches a process back to
+cuBLAS without recompiling (bench/engine.py compares both in one run).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+@torch.library.custom_op("npr::decode_linear", mutates_args=())
+def _decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    if x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and weight.dtype == x.dtype:
+        from engine import triton_gemm
+
+        if 0 < x.shape[0] <= triton_gemm.MAX_ROWS:
+            return triton_gemm.skinny_linear(x, weight, bias)
+    return F.linear(x, weight, bias)
+
+
+@_decode_linear.register_fake
+def _(x, weight, bias):
+    return x.new_empty(x.shape[0], weight.shape[0])
+
+
+def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [..., K] @ weight[N, K]^T (+ bias), no autograd: for inference forwards only."""
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+        return F.linear(x, weight, bias)  # a training forward through an engine model: keep autograd
+    lead = x.shape[:-1]
+    return _decode_linear(x.reshape(-1, x.shape[-1]), weight, bias).view(*lead, weight.shape[0])

@@ -1,0 +1,129 @@
+"""Skinny GEMM for decode: y [M, N] = x [M, K] @ w [N, K]^T (+ bias) with few rows (M <= MAX_ROWS), bf16/fp16.
+
+A decode step with few rows is a stream over the weights: its speed is the fraction of HBM bandwidth the
+GEMMs reach. cuBLAS picks split-K kernels at M = 1 that reached ~67% of the copy bandwidth on an H200
+(BENCHMARKS.md); this kernel streams each weight tile once with deep software pipelining and splits K only
+as far as needed to give every SM enough tiles in flight. The grid is (column blocks, K splits, row blocks).
+With one split the program writes y directly; with more, each split writes an fp32 partial and the last
+split of a tile to arrive (a per-tile counter) sums them in split order: one launch, and results that are
+deterministic (never a floating-point atomic) and independent of the run.
+The config is a pure function of (M, N, K) and the SM count, so launches are CUDA-graph capturable.
+Tuned with bench/gemm.py (see `config`).
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+# Row counts up to which engine/decode_linear.py uses this kernel: on an H200 it beat cuBLAS at 1 and 16 rows
+# and lost at 64 (bench/gemm.py, BENCHMARKS.md). Module-level so a benchmark can switch it per run.
+DEFAULT_MAX_ROWS = 16
+MAX_ROWS = DEFAULT_MAX_ROWS
+
+
+@triton.jit
+def _skinny_kernel(x_ptr, w_ptr, b_ptr, y_ptr, part_ptr, lock_ptr, M, N, K, k_span, stride_xm, stride_wn,
+                   SPLITS: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    pid_m = tl.program_id(2)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    k_lo = pid_k * k_span
+    x_ptrs = x_ptr + rm[:, None] * stride_xm + (k_lo + rk)[None, :]
+    w_ptrs = w_ptr + rn[:, None].to(tl.int64) * stride_wn + (k_lo + rk)[None, :]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    for k in range(0, k_span, BLOCK_K):
+        if EVEN:  # N % BLOCK_N == 0 and every split a whole number of BLOCK_K: unmasked weight loads
+            w = tl.load(w_ptrs)
+            x = tl.load(x_ptrs, mask=rm[:, None] < M, other=0.0)
+        else:
+            kk = k_lo + k + rk
+            km = (kk < K) & (k + rk < k_span)
+            w = tl.load(w_ptrs, mask=(rn[:, None] < N) & km[None, :], other=0.0)
+            x = tl.load(x_ptrs, mask=(rm[:, None] < M) & km[None, :], other=0.0)
+        acc = tl.dot(x, tl.trans(w), acc)
+        x_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K
+    mask = (rm[:, None] < M) & (rn[None, :] < N)
+    tile = rm[:, None] * N + rn[None, :]
+    if SPLITS > 1:
+        # Split-K without a second launch: every split stores its fp32 partial, then counts itself in on the
+        # tile's lock (release after a CTA barrier, so the whole partial is visible); the last one to arrive
+        # sums all partials in split order (deterministic), writes y and re-arms the lock for the next call.
+        tl.store(part_ptr + pid_k * M * N + tile, acc, mask=mask)
+        tl.debug_barrier()
+        lock = lock_ptr + pid_m * tl.num_programs(0) + pid_n
+        last = tl.atomic_add(lock, 1, sem="acq_rel") == SPLITS - 1
+        mask = mask & last  # the other splits are done: every load and store below is masked off for them
+        acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+        for s in tl.static_range(SPLITS):
+            acc += tl.load(part_ptr + s * M * N + tile, mask=mask, other=0.0, cache_modifier=".cg")
+        tl.atomic_xchg(lock, 0, mask=last)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+    tl.store(y_ptr + tile, acc.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+_LOCKS: dict[torch.device, torch.Tensor] = {}
+
+
+def _locks(device: torch.device, n: int) -> torch.Tensor:
+    """Per-tile arrival counters, zero between launches (each launch re-arms the ones it used). One buffer per
+    device, grown outside CUDA-graph capture only (a capture must find it big enough: the engine's warm-up
+    runs every bucket eagerly first)."""
+    buf = _LOCKS.get(device)
+    if buf is None or buf.numel() < n:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(f"skinny_linear: {n} tile locks needed during CUDA-graph capture; run the "
+                               "shape once before capturing")
+        buf = _LOCKS[device] = torch.zeros(max(n, 1 << 14, 2 * (buf.numel() if buf is not None else 0)),
+                                           dtype=torch.int32, device=device)
+    return buf
+
+
+@functools.cache
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def config(m: int, n: int, k: int, sms: int, block_n: int = 32, block_k: int = 128, waves: int = 2,
+           num_warps: int = 4, num_stages: int = 3) -> dict:
+    """Launch config of one product. block_m: rows padded to the tl.dot minimum of 16 (x is tiny, the
+    padding costs no HBM traffic). splits: the fewest (a power of two) that give `waves` tiles per SM,
+    keeping at least two BLOCK_K steps per split for the pipeline to overlap."""
+    block_m = 16 if m <= 16 else 32 if m <= 32 else 64
+    tiles = triton.cdiv(n, block_n) * triton.cdiv(m, block_m)
+    splits = 1
+    while tiles * splits < waves * sms and k // (2 * splits * block_k) >= 2:
+        splits *= 2
+    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, splits=splits, num_warps=num_warps,
+                num_stages=num_stages)
+
+
+def skinny_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, **tune) -> torch.Tensor:
+    """x [M, K] @ w[N, K]^T (+ bias) on the GPU, in x's dtype with fp32 accumulation. `tune` overrides
+    `config`'s keywords (bench/gemm.py sweeps them)."""
+    m, k = x.shape
+    n = w.shape[0]
+    if w.shape[1] != k or w.stride(1) != 1:
+        raise ValueError(f"skinny_linear: w {tuple(w.shape)} (stride {w.stride()}) does not match x {tuple(x.shape)}")
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    c = config(m, n, k, _sm_count(x.device.index or 0), **tune)
+    bm, bn, bk, splits = c.pop("BLOCK_M"), c.pop("BLOCK_N"), c.pop("BLOCK_K"), c.pop("splits")
+    k_span = triton.cdiv(triton.cdiv(k, splits), bk) * bk
+    even = n % bn == 0 and k % (splits * bk) == 0
+    grid = (triton.cdiv(n, bn), splits, triton.cdiv(m, bm))
+    y = torch.empty(m, n, device=x.device, dtype=x.dtype)
+    part = torch.empty(splits, m, n, device=x.device, dtype=torch.float32) if splits > 1 else y
+    locks = _locks(x.device, grid[0] * grid[2]) if splits > 1 else y
+    _skinny_kernel[grid](x, w, bias if bias is not None else y, y, part, locks, m, n, k, k_span, x.stride(0),
+                         w.stride(0), SPLITS=splits, HAS_BIAS=bias is not None, EVEN=even, BLOCK_M=bm,
+                         BLOCK_N=bn, BLOCK_K=bk, **c)
+    return y

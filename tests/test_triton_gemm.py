@@ -1,0 +1,128 @@
+"""The engine's decode GEMM: engine/triton_gemm.py against a float32 F.linear (GPU: every split count, ragged
+N and K, bias, determinism, the per-tile locks re-armed, inside a CUDA graph), and the routing through
+engine/decode_linear.py (CPU: the custom op's fake kernel under torch.compile, CausalLM.set_gemm reaches every
+projection and the LM head, training forwards keep autograd)."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from engine.decode_linear import decode_linear
+from engine.model import CausalLM, ModelArgs
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+CFG = dict(model_type="qwen2", vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+           num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=256,
+           tie_word_embeddings=True)  # qwen2: q/k/v carry biases
+
+
+def tiny(seed=0):
+    torch.manual_seed(seed)
+    return CausalLM(ModelArgs.from_hf_config(CFG)).eval()
+
+
+def forward(m, n=7):
+    from engine.attention import CausalAttention
+
+    ids = torch.randint(0, CFG["vocab_size"], (n,), generator=torch.Generator().manual_seed(1))
+    return m.compute_logits(m(ids, torch.arange(n), CausalAttention()))
+
+
+@torch.no_grad()
+def test_set_gemm_routes_every_product_and_changes_nothing_on_cpu():
+    m = tiny()
+    ref = forward(m)
+    calls = []
+
+    def counting(x, w, b):
+        calls.append(tuple(w.shape))
+        return decode_linear(x, w, b)
+
+    m.fuse_projections().set_gemm(counting)
+    assert torch.equal(forward(m), ref)  # on the CPU the op is F.linear: bit-equal
+    layers = CFG["num_hidden_layers"]
+    assert len(calls) == 4 * layers + 1  # qkv, o, gate_up, down per layer + the LM head
+    assert calls[-1] == (CFG["vocab_size"], CFG["hidden_size"])
+    m.set_gemm(None)
+    calls.clear()
+    assert torch.equal(forward(m), ref) and not calls
+
+
+def test_decode_linear_keeps_autograd_for_training_forwards():
+    x = torch.randn(3, 8, requires_grad=True)
+    w = torch.randn(5, 8, requires_grad=True)
+    decode_linear(x, w).sum().backward()
+    torch.testing.assert_close(x.grad, w.detach().sum(0).expand(3, 8))
+
+
+def test_decode_linear_op_fake_kernel_and_compile():
+    x, w, b = torch.randn(4, 16), torch.randn(24, 16), torch.randn(24)
+    torch.library.opcheck(torch.ops.npr.decode_linear.default, (x, w, b))
+    fn = torch.compile(lambda x: decode_linear(x, w, b).relu(), dynamic=True)
+    for rows in (1, 5, 9):  # one dynamic-shape graph for every row count
+        x = torch.randn(rows, 16)
+        torch.testing.assert_close(fn(x), F.linear(x, w, b).relu())
+
+
+@cuda
+@pytest.mark.parametrize("m", [1, 3, 16, 17, 64])
+@pytest.mark.parametrize("n,k,waves", [(2560, 4096, 2), (6144, 2560, 1), (1000, 1100, 8), (96, 4096, 64)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_skinny_linear_matches_float32_reference(m, n, k, waves, bias):
+    from engine.triton_gemm import _LOCKS, config, skinny_linear
+
+    g = torch.Generator(device="cuda").manual_seed(m * n + k)
+    x = torch.randn(m, k, device="cuda", generator=g).bfloat16()
+    w = (torch.randn(n, k, device="cuda", generator=g) / k ** 0.5).bfloat16()
+    b = torch.randn(n, device="cuda", generator=g).bfloat16() if bias else None
+    ref = F.linear(x.float(), w.float(), None if b is None else b.float())
+    y = skinny_linear(x, w, b, waves=waves)
+    assert y.dtype == torch.bfloat16 and y.shape == (m, n)
+    torch.testing.assert_close(y.float(), ref, rtol=1e-2, atol=2e-2)  # bf16 rounding of the output
+    assert torch.equal(skinny_linear(x, w, b, waves=waves), y)  # deterministic: no float atomics
+    splits = config(m, n, k, torch.cuda.get_device_properties(0).multi_processor_count, waves=waves)["splits"]
+    if splits > 1:
+        assert int(_LOCKS[x.device].abs().sum()) == 0  # every tile lock re-armed for the next launch
+
+
+@cuda
+def test_skinny_linear_in_a_cuda_graph():
+    from engine.triton_gemm import skinny_linear
+
+    x = torch.randn(8, 4096, device="cuda").bfloat16()
+    w = (torch.randn(2560, 4096, device="cuda") / 64).bfloat16()
+    y0 = skinny_linear(x, w)  # warm-up: compiles, sizes the lock buffer
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        skinny_linear(x, w)
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = skinny_linear(x, w)
+    for _ in range(3):
+        x.normal_()
+        graph.replay()
+        torch.testing.assert_close(y.float(), F.linear(x.float(), w.float()), rtol=1e-2, atol=2e-2)
+    assert not torch.equal(y, y0)
+
+
+@cuda
+@torch.no_grad()
+def test_engine_model_logits_with_triton_gemm():
+    from engine import triton_gemm
+
+    m = tiny()
+    ref = forward(m).cuda()  # float32 CPU reference
+    m.cuda().bfloat16().fuse_projections().set_gemm(decode_linear)
+    calls = []
+    orig = triton_gemm.skinny_linear
+    triton_gemm.skinny_linear = lambda *a, **k: calls.append(1) or orig(*a, **k)
+    try:
+        from engine.attention import CausalAttention
+
+        ids = torch.randint(0, CFG["vocab_size"], (7,), generator=torch.Generator().manual_seed(1)).cuda()
+        out = m.compute_logits(m(ids, torch.arange(7, device="cuda"), CausalAttention())).float()
+    finally:
+        triton_gemm.skinny_linear = orig
+    assert len(calls) == 4 * CFG["num_hidden_layers"] + 1
+    torch.testing.assert_close(out, ref, rtol=0.05, atol=0.1)
