@@ -229,6 +229,7 @@ def attention_only(args, margs, trajs, device) -> dict:
                 res[name]["peak_mem_gb"] = (torch.cuda.max_memory_allocated() - base) / 2**30
                 io = 2 * (q.numel() + k.numel() + v.numel() + q.numel()) * q.element_size()
                 res[name]["work_mem_gb"] = res[name]["peak_mem_gb"] - io / 2**30
+            print(f"attention_only {name}: {json.dumps(res[name])}", flush=True)
             del q, k, v, attn, mask
         except torch.cuda.OutOfMemoryError as e:
             res[name] = {"error": f"OOM: {str(e)[:200]}"}

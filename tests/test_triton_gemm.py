@@ -109,20 +109,23 @@ def test_skinny_linear_in_a_cuda_graph():
 @cuda
 @torch.no_grad()
 def test_engine_model_logits_with_triton_gemm():
+    """The same bf16 model with F.linear (cuBLAS) and with the routed Triton GEMM: only the fp32 summation
+    order differs, so the logits agree to a small fraction of their scale; every product took the kernel."""
     from engine import triton_gemm
+    from engine.attention import CausalAttention
 
-    m = tiny()
-    ref = forward(m).cuda()  # float32 CPU reference
-    m.cuda().bfloat16().fuse_projections().set_gemm(decode_linear)
+    m = tiny().cuda().bfloat16().fuse_projections()
+    ids = torch.randint(0, CFG["vocab_size"], (7,), generator=torch.Generator().manual_seed(1)).cuda()
+    run = lambda: m.compute_logits(m(ids, torch.arange(7, device="cuda"), CausalAttention()))  # noqa: E731
+    ref = run()
     calls = []
     orig = triton_gemm.skinny_linear
     triton_gemm.skinny_linear = lambda *a, **k: calls.append(1) or orig(*a, **k)
     try:
-        from engine.attention import CausalAttention
-
-        ids = torch.randint(0, CFG["vocab_size"], (7,), generator=torch.Generator().manual_seed(1)).cuda()
-        out = m.compute_logits(m(ids, torch.arange(7, device="cuda"), CausalAttention())).float()
+        m.set_gemm(decode_linear)
+        out = run()
     finally:
         triton_gemm.skinny_linear = orig
+        m.set_gemm(None)
     assert len(calls) == 4 * CFG["num_hidden_layers"] + 1
-    torch.testing.assert_close(out, ref, rtol=0.05, atol=0.1)
+    assert (out - ref).abs().max() <= 0.02 * ref.abs().max()
