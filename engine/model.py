@@ -176,6 +176,8 @@ class Decoder(nn.Module):  # HF's `model.` prefix
 class CausalLM(nn.Module):
     """`forward(input_ids [T], positions [T], attn) -> hidden [T, D]`; `compute_logits(hidden) -> [T, V] f32`."""
 
+    head_gemm = None  # the LM head's product (`set_gemm`); None: F.linear
+
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.args = args
@@ -208,8 +210,6 @@ class CausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         gemm = self.head_gemm or F.linear
         return gemm(hidden, self.head_weight, None).float()
-
-    head_gemm = None
 
     def set_gemm(self, gemm=None) -> "CausalLM":
         """Route every projection and the LM head through `gemm(x, weight, bias)` (the engine's decode GEMM,
