@@ -75,8 +75,9 @@ _LOCKS: dict[torch.device, torch.Tensor] = {}
 
 def _locks(device: torch.device, n: int) -> torch.Tensor:
     """Per-tile arrival counters, zero between launches (each launch re-arms the ones it used). One buffer per
-    device, grown outside CUDA-graph capture only (a capture must find it big enough: the engine's warm-up
-    runs every bucket eagerly first)."""
+    device, so split launches must not run concurrently on two streams (the engine decodes on one). Grown
+    outside CUDA-graph capture only (a capture must find it big enough: DecodeGraphs warms every bucket up
+    eagerly first)."""
     buf = _LOCKS.get(device)
     if buf is None or buf.numel() < n:
         if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
