@@ -74,6 +74,7 @@ def error_of(path=None, overrides=()):
     ("learner.lr=-1e-4", "learner.lr", "-0.0001"),
     ("controller.max_staleness=1", "controller.max_staleness", "1"),
     ("stage=stage9", "stage", "'stage9'"),  # not one of the choices
+    ("engine.decode_gemm=cublas", "engine.decode_gemm", "'cublas'"),
     ("engine=3", "engine", "3"),
 ])
 def test_bad_override_names_key_and_value(override, key, value):
