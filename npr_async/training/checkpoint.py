@@ -66,14 +66,20 @@ def set_rng_state(state: dict) -> None:
 
 
 def save_checkpoint(trainer, out_dir: str | Path, tokenizer_dir: str | Path | None = None) -> Path:
-    from safetensors.torch import save_file
-
     if trainer.totals.num_sequences:
         raise RuntimeError("save_checkpoint in the middle of a step (gradients accumulated, finish_step first)")
     out = Path(out_dir)
     weights, optim = _full_state(trainer)  # every rank takes part in the gather
-    if not _rank0():
-        return out
+    if _rank0():
+        _write(trainer, out, weights, optim, tokenizer_dir)
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()  # on return the checkpoint is complete for every rank (all may load it at once)
+    return out
+
+
+def _write(trainer, out: Path, weights: dict, optim: dict, tokenizer_dir) -> None:
+    from safetensors.torch import save_file
+
     out.mkdir(parents=True, exist_ok=True)
     args = trainer.model.args
     if args.tie_word_embeddings:
@@ -95,7 +101,6 @@ def save_checkpoint(trainer, out_dir: str | Path, tokenizer_dir: str | Path | No
             break
     torch.save({"step": trainer.step, "optimizer": optim, "scheduler": trainer.scheduler.state_dict(),
                 "rng": rng_state(), "loss": trainer.loss.name}, out / TRAINER_STATE)
-    return out
 
 
 def load_checkpoint(trainer, ckpt_dir: str | Path) -> None:

@@ -88,6 +88,30 @@ def _world() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
+def _max_over_ranks(n: int, device) -> int:
+    if _world() == 1:
+        return n
+    t = torch.tensor([n], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t)
+
+
+def _sum_over_ranks(values: list[float], device) -> list[float]:
+    """The batch's metrics over every rank's share (one all-reduce)."""
+    if _world() == 1:
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def _idle_sample() -> Sample:
+    """Two tokens, one target, zero weight: a rank with fewer micro-batches than the others runs it so that
+    every rank issues the same FSDP collectives."""
+    return Sample(np.zeros(2, np.int32), np.arange(2, dtype=np.int32), np.zeros(2, np.int32), [[]],
+                  np.array([False, True]), np.zeros(2, np.float32), {"coef": 0.0})
+
+
 class Trainer:
     """One learner: `accumulate(trajs, rewards)` per group, `finish_step()` per step, `save`/`load`."""
 
@@ -122,6 +146,7 @@ class Trainer:
 
     def _reset(self) -> None:
         self.totals = Totals()
+        self._pending: list[Sample] = []  # FSDP: this step's kept samples, backpropagated in finish_step
         self._loss_sum = 0.0
         self._dropped = 0
         self._groups = 0
@@ -135,7 +160,11 @@ class Trainer:
     def _backward(self, samples: list[Sample], scale: float) -> None:
         model = self.compute.model if self.compute is not None else self.model
         model.train()
-        for mb in pack(samples, self.cfg.micro_batch_tokens):
+        mbs = pack(samples, self.cfg.micro_batch_tokens)
+        real = len(mbs)
+        if self.cfg.fsdp:  # every FSDP pass is a sequence of collectives: all ranks make the same number
+            mbs += [pack([_idle_sample()], 2)[0]] * (_max_over_ranks(real, self.device) - real)
+        for i, mb in enumerate(mbs):
             lp = microbatch_logprobs(model, mb, self.device, self.precision == "autocast", self.forward)
             old = np.concatenate([s.old_logprobs[s.loss_mask] if s.old_logprobs is not None
                                   else np.zeros(int(s.loss_mask.sum()), np.float32) for s in mb.samples])
@@ -143,6 +172,9 @@ class Trainer:
             terms = self.loss.token_losses(lp, torch.from_numpy(old).to(self.device),
                                            coef[mb.target_sample].to(self.device))
             total = terms.sum()
+            if i >= real:  # a padding pass: its collectives only (zero gradient)
+                (total * 0.0).backward()
+                continue
             (total * scale).backward()
             self._loss_sum += float(total.detach())
 
@@ -156,11 +188,18 @@ class Trainer:
         if kept:
             self.loss.prepare_group(kept)
             self.totals.add(kept)
-            self._backward(kept, 1.0)
+            if self.cfg.fsdp:  # ranks stream different numbers of micro-batches: backprop together at the end
+                self._pending += kept
+            else:
+                self._backward(kept, 1.0)
         return len(kept)
 
     def scale_gradients(self) -> tuple[Totals, float]:
-        """The batch is complete: multiply the accumulated gradient once by the loss's batch scale."""
+        """The batch is complete: multiply the accumulated gradient once by the loss's batch scale (FSDP: run
+        the step's backward passes now, already scaled, in step with the other ranks)."""
+        if self.cfg.fsdp:
+            samples, self._pending = self._pending, []
+            return self._backward_scaled(samples)
         totals = self._global_totals()
         scale = self.loss.scale(totals) if totals.num_sequences else 0.0
         grad_scale = scale * (_world() if self.cfg.fsdp else 1)  # FSDP averages over ranks; we want the sum
@@ -188,7 +227,7 @@ class Trainer:
     def _backward_scaled(self, samples: list[Sample]) -> tuple[Totals, float]:
         totals = self._global_totals()
         scale = self.loss.scale(totals) if totals.num_sequences else 0.0
-        if samples:  # micro-batches may mix groups here: the scale is already known
+        if samples or self.cfg.fsdp:  # micro-batches may mix groups here: the scale is already known
             self._backward(samples, scale * (_world() if self.cfg.fsdp else 1))
         return totals, scale
 
@@ -216,9 +255,10 @@ class Trainer:
 
     def _optimizer_step(self, totals: Totals, scale: float) -> dict:
         lr = self.optimizer.param_groups[0]["lr"]
+        loss_sum, dropped, groups = _sum_over_ranks([self._loss_sum, self._dropped, self._groups], self.device)
         metrics = {"step": self.step + 1, "lr": lr, "sequences": totals.num_sequences,
-                   "loss_tokens": totals.num_tokens, "dropped": self._dropped, "groups": self._groups,
-                   "loss": self._loss_sum * scale if totals.num_sequences else float("nan")}
+                   "loss_tokens": totals.num_tokens, "dropped": int(dropped), "groups": int(groups),
+                   "loss": loss_sum * scale if totals.num_sequences else float("nan")}
         if totals.rewards:
             metrics["reward_mean"] = float(np.mean(totals.rewards))
         if totals.num_sequences:  # an empty batch (all filtered) leaves the weights as they are
