@@ -134,6 +134,9 @@ class Trainer:
             shard_model(model)
         elif _world() > 1:
             raise ValueError("a learner over several ranks needs learner.fsdp=true")
+        # several FSDP ranks: every pass is a sequence of collectives, so the step's backward waits for
+        # finish_step, where the ranks agree on the pass count (one rank streams as it goes)
+        self._deferred = cfg.fsdp and _world() > 1
         self.model = model  # the fp32 master weights: optimizer, checkpoints, weight broadcast
         # bf16: forward/backward run on a bf16 copy whose gradients accumulate into the masters' fp32 .grad
         self.compute = ComputeCopy(model) if self.precision == "bf16" else None
@@ -146,7 +149,7 @@ class Trainer:
 
     def _reset(self) -> None:
         self.totals = Totals()
-        self._pending: list[Sample] = []  # FSDP: this step's kept samples, backpropagated in finish_step
+        self._pending: list[Sample] = []  # several FSDP ranks: this step's kept samples, for finish_step
         self._loss_sum = 0.0
         self._dropped = 0
         self._groups = 0
@@ -188,7 +191,7 @@ class Trainer:
         if kept:
             self.loss.prepare_group(kept)
             self.totals.add(kept)
-            if self.cfg.fsdp:  # ranks stream different numbers of micro-batches: backprop together at the end
+            if self._deferred:  # ranks stream different numbers of micro-batches: backprop together at the end
                 self._pending += kept
             else:
                 self._backward(kept, 1.0)
@@ -197,7 +200,7 @@ class Trainer:
     def scale_gradients(self) -> tuple[Totals, float]:
         """The batch is complete: multiply the accumulated gradient once by the loss's batch scale (FSDP: run
         the step's backward passes now, already scaled, in step with the other ranks)."""
-        if self.cfg.fsdp:
+        if self._deferred:
             samples, self._pending = self._pending, []
             return self._backward_scaled(samples)
         totals = self._global_totals()
