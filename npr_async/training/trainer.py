@@ -198,8 +198,8 @@ class Trainer:
         return len(kept)
 
     def scale_gradients(self) -> tuple[Totals, float]:
-        """The batch is complete: multiply the accumulated gradient once by the loss's batch scale (FSDP: run
-        the step's backward passes now, already scaled, in step with the other ranks)."""
+        """The batch is complete: multiply the accumulated gradient once by the loss's batch scale (several FSDP
+        ranks: run the step's backward passes now, already scaled, in step with the other ranks)."""
         if self._deferred:
             samples, self._pending = self._pending, []
             return self._backward_scaled(samples)
