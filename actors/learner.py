@@ -15,20 +15,53 @@ from npr_async.config import Config
 
 
 class Learner:
-    def __init__(self, model_dir: str, config: Config | dict, device: str = "cpu", resume: str | None = None):
+    """One learner rank. With `learner.num_workers` > 1 the controller starts one actor per rank, calls
+    `rendezvous` on rank 0 and then `setup` on all at once (a torch.distributed group, FSDP over it); every
+    rank pulls groups from the same buffer (each group goes to whichever rank takes it), takes the optimizer
+    step together, and joins the full-weight gathers of a broadcast that rank 0 sends."""
+
+    def __init__(self, model_dir: str, config: Config | dict, device: str = "cpu", resume: str | None = None,
+                 rank: int = 0, world_size: int = 1):
+        self.cfg = config if isinstance(config, Config) else msgspec.convert(config, Config)
+        self.model_dir, self.device, self.resume = model_dir, device, resume
+        self.rank, self.world_size = rank, world_size
+        if device == "cpu":
+            torch.set_num_threads(1)
+        self.trainer, self.weights, self._store = None, None, None
+        if world_size == 1:
+            self.setup()
+
+    def rendezvous(self) -> str:
+        """Rank 0: bind the learner group's store; returns its host:port for `setup` on every rank."""
+        import ray
+        from torch.distributed import TCPStore
+
+        host = ray.util.get_node_ip_address()
+        self._store = TCPStore(host, 0, self.world_size, is_master=True, wait_for_workers=False,
+                               timeout=_seconds(self.cfg.controller.step_timeout_s))
+        return f"{host}:{self._store.port}"
+
+    def setup(self, store_addr: str | None = None) -> int:
+        """Join the learner group (all ranks at once) and build the Trainer; returns the weight version."""
         from engine.loader import load_model
         from npr_async.training.trainer import Trainer
 
-        self.cfg = config if isinstance(config, Config) else msgspec.convert(config, Config)
-        self.model_dir, self.device = model_dir, device
-        if device == "cpu":
-            torch.set_num_threads(1)
+        if self.world_size > 1:
+            import torch.distributed as dist
+            from torch.distributed import TCPStore
+
+            host, port = store_addr.rsplit(":", 1)
+            store = self._store or TCPStore(host, int(port), self.world_size, is_master=False,
+                                            timeout=_seconds(self.cfg.controller.step_timeout_s))
+            dist.init_process_group("nccl" if self.device == "cuda" else "gloo", store=store, rank=self.rank,
+                                    world_size=self.world_size)
         torch.manual_seed(self.cfg.controller.seed)
-        model = load_model(model_dir, torch.float32, device)
-        self.trainer = Trainer(model, self.cfg.learner, total_steps=self.cfg.controller.steps, model_dir=model_dir)
-        if resume:
-            self.trainer.load(resume)
-        self.weights = None
+        model = load_model(self.model_dir, torch.float32, self.device)
+        self.trainer = Trainer(model, self.cfg.learner, total_steps=self.cfg.controller.steps,
+                               model_dir=self.model_dir)
+        if self.resume:
+            self.trainer.load(self.resume)
+        return self.version()
 
     def ready(self) -> int:
         return self.version()
@@ -59,7 +92,11 @@ class Learner:
         t0 = time.perf_counter()
         version = self.version()
         dtype = getattr(torch, self.cfg.model.dtype)  # the generators' dtype; the learner keeps fp32 masters
-        self.weights.send(self.trainer.named_weights(), version, dtype=dtype)  # cast while packing: no copy
+        if self.rank == 0:
+            self.weights.send(self.trainer.named_weights(), version, dtype=dtype)  # cast while packing: no copy
+        else:  # each full weight is a gather over the learner ranks: take part, rank 0 sends
+            for _ in self.trainer.named_weights():
+                pass
         return {"version": version, "seconds": time.perf_counter() - t0}
 
     # training -------------------------------------------------------------------------------------
@@ -98,9 +135,15 @@ class Learner:
         c0 = time.perf_counter()
         metrics = self.trainer.finish_step() if self.cfg.learner.streaming else self.trainer.train_step(held)
         computed += time.perf_counter() - c0
+        if self.world_size > 1:  # the step's samples over every rank (each took its own groups)
+            import torch.distributed as dist
+
+            parts = [None] * self.world_size
+            dist.all_gather_object(parts, (stats, seen))
+            stats, seen = RolloutStats.merged(p[0] for p in parts), sum(p[1] for p in parts)
         metrics.update(stats.summary())
         metrics.update(groups_in=seen, learner_wait_s=waited, learner_compute_s=computed,
-                       learner_s=time.perf_counter() - t0)
+                       learner_s=time.perf_counter() - t0, learner_ranks=self.world_size)
         return metrics
 
     def _group(self, group) -> tuple[list, list[float]]:
@@ -121,6 +164,12 @@ class Learner:
         return out_dir
 
 
+def _seconds(s: float):
+    import datetime
+
+    return datetime.timedelta(seconds=s)
+
+
 class RolloutStats:
     """What the step's samples say about the policy: accuracy, format, parallel structure, length."""
 
@@ -139,6 +188,14 @@ class RolloutStats:
             self.forks += t.num_forks
             self.branches += t.num_branches
             self.tokens += t.num_tokens
+
+    @classmethod
+    def merged(cls, parts) -> "RolloutStats":
+        out = cls()
+        for p in parts:
+            for k, v in vars(p).items():
+                setattr(out, k, getattr(out, k) + v)
+        return out
 
     def summary(self) -> dict:
         n = max(self.n, 1)

@@ -223,7 +223,7 @@ def run_config(args, base_overrides: list[str], n_gen: int, streaming: bool, mod
     r = cfg.rollout
     run = {"label": label, "generators": n_gen, "streaming": streaming, "cluster_start_s": start_s,
            "config": {"prompts_per_step": r.prompts_per_step, "samples_per_prompt": r.samples_per_prompt,
-                      "chunk_samples": r.chunk_samples, "learner_gpus": max(1, int(cfg.learner.num_gpus)),
+                      "chunk_samples": r.chunk_samples, "learner_gpus": cfg.learner.num_workers * max(1, int(cfg.learner.num_gpus)),
                       "verifier_workers": cfg.verifier.num_workers, "rollout_gpus_per_worker": r.num_gpus_per_worker,
                       "weights": cfg.transport.weights, "loss": cfg.learner.loss},
            "steps": steps, "mean": summarise([s for s in steps if not s["warmup"]])}

@@ -118,6 +118,7 @@ class LearnerConfig(Section):
     activation_checkpointing: bool = False  # recompute layers in backward instead of keeping their activations
     checkpoint_layers: Annotated[int, msgspec.Meta(ge=-1)] = -1  # how many layers (the first k) recompute; -1: all
     compile: bool | Literal["auto"] = "auto"  # torch.compile each decoder layer around attention; auto: on CUDA
+    num_workers: Pos = 1  # learner ranks, one actor each (num_gpus / num_cpus per rank); > 1 needs fsdp: true
     num_gpus: Annotated[float, msgspec.Meta(ge=0.0)] = 0.0
     num_cpus: Annotated[float, msgspec.Meta(gt=0.0)] = 1.0
     fsdp: bool = False
@@ -137,6 +138,10 @@ class LearnerConfig(Section):
     sft_data: str = ""  # JSONL of {id, prompt, answer, completion}; empty: synthetic traces, else rejection sampling
     sft_samples_per_problem: Pos = 8  # rejection sampling: k samples per problem, keep one correct + format 0
     sft_sequential_sampling: bool = True  # NPR samples Stage 2 data with sequential decoding
+
+    def __post_init__(self):
+        if self.num_workers > 1 and not self.fsdp:
+            raise ValueError(f"num_workers: {self.num_workers} learner ranks need fsdp: true")
 
 
 class TransportConfig(Section):

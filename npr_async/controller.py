@@ -32,7 +32,7 @@ def init_ray(cfg: Config) -> None:
     if cfg.controller.ray_address:
         ray.init(address=cfg.controller.ray_address, log_to_driver=False)
         return
-    need = (cfg.rollout.num_workers * cfg.rollout.num_cpus_per_worker + cfg.learner.num_cpus
+    need = (cfg.rollout.num_workers * cfg.rollout.num_cpus_per_worker + cfg.learner.num_workers * cfg.learner.num_cpus
             + cfg.verifier.num_workers * cfg.verifier.num_cpus_per_worker + 1)
     ray.init(num_cpus=max(os.cpu_count() or 1, int(need) + 1), include_dashboard=False, log_to_driver=False,
              configure_logging=False)
@@ -51,11 +51,16 @@ class Cluster:
         self.buffer_address = ray.get(self.buffer.address.remote(), timeout=60)
         self.verifiers = VerifierPool(cfg.verifier, tasks=train_rows)
         self.verifier_addresses = self.verifiers.serve(self.buffer_address, cfg.transport.zmq_scheme)
-        self.learner = ray.remote(Learner).options(
-            num_cpus=cfg.learner.num_cpus, num_gpus=cfg.learner.num_gpus, max_concurrency=2).remote(
-            model_dir, self.cfg_dict, device(cfg.learner.num_gpus), resume)
+        lc = cfg.learner
+        self.learners = [ray.remote(Learner).options(num_cpus=lc.num_cpus, num_gpus=lc.num_gpus, max_concurrency=2)
+                         .remote(model_dir, self.cfg_dict, device(lc.num_gpus), resume, rank, lc.num_workers)
+                         for rank in range(lc.num_workers)]
+        self.learner = self.learners[0]  # rank 0: the weight version, the weight group
         self.rollouts = [self._new_rollout(i) for i in range(cfg.rollout.num_workers)]
-        _get([self.learner.ready.remote()] + [r.ready.remote() for r in self.rollouts], 600, "actors to start")
+        if lc.num_workers > 1:  # the ranks' process group, then FSDP, on every rank at once
+            addr = _get([self.learner.rendezvous.remote()], 600, "learner rank 0 to start")[0]
+            _get([r.setup.remote(addr) for r in self.learners], 600, "the learner ranks to form their group")
+        _get([r.ready.remote() for r in self.learners + self.rollouts], 600, "actors to start")
         self.form_weight_group()
 
     def _new_rollout(self, i: int):
@@ -91,9 +96,13 @@ class Cluster:
         _get([r.connect_output.remote(self.verifier_addresses[i % len(self.verifier_addresses)])
               for i, r in enumerate(self.rollouts)], 60, "generators to connect to the verifier pool")
 
+    def save_learner(self, out_dir: str, timeout_s: float = 600) -> str:
+        """A checkpoint of the learner (every rank takes part in gathering the full state; rank 0 writes)."""
+        return _get([r.save.remote(out_dir) for r in self.learners], timeout_s, f"the learner to save {out_dir}")[0]
+
     def sync_weights(self, version: int) -> float:
         t0 = time.perf_counter()
-        _get([self.learner.broadcast.remote()] + [r.receive_weights.remote(version) for r in self.rollouts],
+        _get([r.broadcast.remote() for r in self.learners] + [r.receive_weights.remote(version) for r in self.rollouts],
              self.cfg.transport.recv_timeout_s, f"weights v{version} to reach every rollout generator")
         return time.perf_counter() - t0
 
@@ -106,7 +115,7 @@ class Cluster:
                     ray.get(ref, timeout=30)
             except Exception:
                 pass
-        for actor in [self.learner, self.buffer, *self.rollouts]:
+        for actor in [*self.learners, self.buffer, *self.rollouts]:
             try:
                 ray.kill(actor)
             except Exception:
@@ -139,7 +148,7 @@ def run_step(cluster: Cluster, step: int, rows: list[dict], on_dispatch=None) ->
     _get([cluster.buffer.begin_step.remote(step, version, [str(r["id"]) for r in rows], G)], 60, "the replay buffer")
     t0 = time.perf_counter()
     deadline = time.monotonic() + timeout
-    learner_ref = cluster.learner.train_step.remote(step, cluster.buffer, timeout)
+    learner_refs = [r.train_step.remote(step, cluster.buffer, timeout) for r in cluster.learners]
     n = len(cluster.rollouts)
     pending = {cluster.rollouts[i].generate.remote(make_request(step, version, rows[i::n], G)): i
                for i in range(n) if rows[i::n]}
@@ -163,7 +172,7 @@ def run_step(cluster: Cluster, step: int, rows: list[dict], on_dispatch=None) ->
             pending.update(_redispatch(cluster, step, version, rows[i::n], only_generator=i))
     rollout_s = time.perf_counter() - t0
     recovered = _recover_lost(cluster, step, version, rows, deadline, reports)
-    metrics = _get([learner_ref], max(deadline - time.monotonic(), 1), f"the learner to finish step {step}")[0]
+    metrics = _get(learner_refs, max(deadline - time.monotonic(), 1), f"the learner to finish step {step}")[0]
     stats = _get([cluster.buffer.stats.remote()], 60, "the replay buffer's stats")[0]
     tokens = sum(r.num_tokens for r in reports)
     metrics.update(version=version, weight_sync_s=sync_s, rollout_s=rollout_s,

@@ -175,8 +175,6 @@ def train(cfg: Config, run_dir: str | None = None, resume: bool = False, on_disp
 
 
 def _rl(cfg: Config, run: Path, state: RunState, train_rows: list[dict], logger, on_dispatch) -> str:
-    import ray
-
     from npr_async.controller import Cluster, checkpoint_dir, init_ray, run_step, step_prompts
 
     init_ray(cfg)
@@ -196,7 +194,7 @@ def _rl(cfg: Config, run: Path, state: RunState, train_rows: list[dict], logger,
                            tok_s=m["tokens_per_s"], step_s=m["step_s"])
                 if (c.checkpoint_every and (step + 1) % c.checkpoint_every == 0) or step + 1 == c.steps:
                     last = str(checkpoint_dir(run, step + 1))
-                    ray.get(cluster.learner.save.remote(last), timeout=600)
+                    cluster.save_learner(last)
                     state = RunState(phase="rl", policy_dir=state.policy_dir, rl_step=step + 1,
                                      checkpoint=last, heldout_sft=state.heldout_sft)
                     _save_state(run, state)

@@ -122,3 +122,27 @@ def test_killed_verifier_actor_is_replaced_and_lost_samples_redone(sft_model, tm
     (step0,) = read_steps(tmp_path / "run")
     assert step0["samples"] == P * G and step0["groups_in"] == P  # nothing lost, nothing twice
     assert step0["recovered_samples"] > 0 and step0["stale_dropped"] == 0
+
+
+def test_two_learner_ranks_take_the_step_of_one(sft_model, tmp_path):
+    """learner.num_workers=2 (FSDP over gloo, two actors pulling groups from one buffer): the same step-1
+    samples (seeds are per sample) give the same metrics and, within fp32 noise, the same checkpoint as one rank."""
+    import torch
+    from safetensors.torch import load_file
+
+    runs = {}
+    for ranks in (1, 2):
+        cfg = load_config(None, small_config(sft_model, **{
+            "controller.steps": 1, "learner.fsdp": True, "learner.num_workers": ranks,
+            "learner.num_cpus": 0.5}))
+        train(cfg, str(tmp_path / f"r{ranks}"))
+        (m,) = read_steps(tmp_path / f"r{ranks}")
+        runs[ranks] = m, load_file(str(tmp_path / f"r{ranks}" / "checkpoints" / "step_000001" / "model.safetensors"))
+    (m1, w1), (m2, w2) = runs[1], runs[2]
+    assert (m1["learner_ranks"], m2["learner_ranks"]) == (1, 2)
+    for key in ("samples", "groups_in", "sequences", "loss_tokens", "accuracy", "format_ok"):
+        assert m2[key] == m1[key], key
+    assert m2["grad_norm"] == pytest.approx(m1["grad_norm"], rel=1e-4)
+    assert w1.keys() == w2.keys()
+    for name in w1:
+        torch.testing.assert_close(w2[name], w1[name], rtol=0, atol=1e-5, msg=name)
