@@ -121,16 +121,21 @@ class Learner:
             if got["step"] != step:
                 raise RuntimeError(f"learner: buffer is at step {got['step']}, learner at step {step}")
             c0 = time.perf_counter()
+            groups = []
             for group in got["groups"]:
                 seen += 1
                 stats.add(group)
-                trajs, rewards = self._group(group)
-                if self.cfg.learner.streaming:
+                groups.append(self._group(group))
+            done = got["done"]
+            if not self.cfg.learner.streaming:
+                held += groups
+            elif self.world_size > 1:  # a round in step with the other ranks (each brings what it took)
+                done = not self.trainer.accumulate_round(groups, more=not done)
+            else:
+                for trajs, rewards in groups:
                     self.trainer.accumulate(trajs, rewards)
-                else:
-                    held.append((trajs, rewards))
             computed += time.perf_counter() - c0
-            if got["done"]:
+            if done:
                 break
         c0 = time.perf_counter()
         metrics = self.trainer.finish_step() if self.cfg.learner.streaming else self.trainer.train_step(held)

@@ -122,7 +122,7 @@ def predict(rates: Rates, work: Workload, layout: Layout, gpus_per_node: int = 8
     n_l = layout.learner_gpus
     per_sample = T * n_l / rates.learner_rate(n_l)
     work_s = math.ceil(work.samples / n_l) * per_sample
-    if work.streaming and n_l == 1:  # several learner ranks backpropagate when the last group is in
+    if work.streaming:
         learner_end = max(first_arrival + work_s, verify_end + math.ceil(active * last_wave / n_l) * per_sample)
     else:
         learner_end = verify_end + work_s

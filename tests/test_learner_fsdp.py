@@ -52,15 +52,19 @@ def _groups():
              [1.0 - 0.3 * g, -1.0 + 0.2 * g] + ([0.5] if g == 0 else [])) for g in range(4)]
 
 
-def _rank(rank: int, world: int, store: str, out: str, ckpt: str) -> None:
+def _rank(rank: int, world: int, store: str, out: str, ckpt: str, rounds: bool) -> None:
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     try:
         cfg = LearnerConfig(loss="papo", lr=1e-2, fsdp=True, micro_batch_tokens=200)
         tr = Trainer(tiny_model(8), cfg)
         metrics = []
         for mine in (_groups()[rank::world], [] if rank == 1 else _groups()[:1]):  # step 2: rank 1 has nothing
-            for trajs, rewards in mine:
-                tr.accumulate(trajs, rewards)
+            if rounds:  # one group per round while a rank has any, then rounds with none until all are done
+                while tr.accumulate_round(mine[:1], more=len(mine) > 1):
+                    mine = mine[1:]
+            else:
+                for trajs, rewards in mine:
+                    tr.accumulate(trajs, rewards)
             metrics.append(tr.finish_step())
         weights = {n: w.clone() for n, w in tr.named_weights()}
         tr.save(ckpt)
@@ -73,11 +77,13 @@ def _rank(rank: int, world: int, store: str, out: str, ckpt: str) -> None:
         dist.destroy_process_group()
 
 
-def test_fsdp_two_ranks_match_one_plain_learner(tmp_path):
+@pytest.mark.parametrize("rounds", [False, True], ids=["deferred", "rounds"])
+def test_fsdp_two_ranks_match_one_plain_learner(tmp_path, rounds):
+    """accumulate (the backward waits for finish_step) or accumulate_round (streamed in lockstep rounds)."""
     import torch.multiprocessing as mp
 
     out = tmp_path / "rank0.pt"
-    mp.spawn(_rank, args=(2, str(tmp_path / "store"), str(out), str(tmp_path / "ck")), nprocs=2)
+    mp.spawn(_rank, args=(2, str(tmp_path / "store"), str(out), str(tmp_path / "ck"), rounds), nprocs=2)
     got = torch.load(out, weights_only=False)
     plain = Trainer(tiny_model(8), LearnerConfig(loss="papo", lr=1e-2, micro_batch_tokens=200))
     ref = []

@@ -90,29 +90,19 @@ def test_more_gpus_never_predict_slower(gpus_per_node):
 
 
 def test_recommendation_balances_rollout_and_learner():
-    # fast verifiers, cheap sync, one-sample chunks, many prompts: rollout and learner work add up (a learner
-    # over several GPUs backpropagates when the last group is in), so the split minimises their sum
+    # fast verifiers, cheap sync, one-sample chunks, many prompts: the step is about max(rollout, learner work)
     rates = Rates(gen_tokens_per_s=5000, learner_tokens_per_s=15000, verdicts_per_s=1e6, tokens_per_sample=1000,
                   model_bytes=1e6, learner_scaling=1.0)
     work = Workload(4096, 1, 1)
     p = recommend(rates, work, 64)
     assert p.layout.gpus == 64
-    # a / n_g + b / n_l with b = a / 3 is smallest at n_l / n_g = sqrt(1/3): 23 learner GPUs of 64
-    assert p.layout.learner_gpus == 23
+    assert abs(p.rollout_s - p.learner_work_s) / max(p.rollout_s, p.learner_work_s) < 0.05
+    # the learner is 3× faster per GPU: a quarter of the GPUs learn (48 + 16 makes both 17.07 s)
+    assert p.layout.learner_gpus == 16
     # and moving one GPU either way is no better
     for d in (-1, 1):
         moved = Layout(p.layout.generators + d, p.layout.learner_gpus - d, p.layout.verifier_workers)
         assert predict(rates, work, moved).step_s >= p.step_s
-
-
-def test_only_a_one_gpu_learner_streams():
-    rates = Rates(gen_tokens_per_s=5000, learner_tokens_per_s=15000, verdicts_per_s=1e6, tokens_per_sample=1000,
-                  model_bytes=1e6, learner_scaling=1.0)
-    on, off = Workload(64, 4, 4), Workload(64, 4, 4, streaming=False)
-    one_on, one_off = (predict(rates, w, Layout(4, 1, 8)) for w in (on, off))
-    assert one_on.step_s < one_off.step_s  # streaming hides learner work behind the rollouts
-    two_on, two_off = (predict(rates, w, Layout(4, 2, 8)) for w in (on, off))
-    assert two_on.step_s == pytest.approx(two_off.step_s)
 
 
 def test_rates_and_compare_from_a_bench_json():

@@ -88,12 +88,12 @@ def _world() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
-def _max_over_ranks(n: int, device) -> int:
+def _max_over_ranks(values: list[int], device) -> list[int]:
     if _world() == 1:
-        return n
-    t = torch.tensor([n], device=device)
+        return values
+    t = torch.tensor(values, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return int(t)
+    return t.tolist()
 
 
 def _sum_over_ranks(values: list[float], device) -> list[float]:
@@ -150,6 +150,7 @@ class Trainer:
     def _reset(self) -> None:
         self.totals = Totals()
         self._pending: list[Sample] = []  # several FSDP ranks: this step's kept samples, for finish_step
+        self._rounds = False  # this step streams in rounds (accumulate_round)
         self._loss_sum = 0.0
         self._dropped = 0
         self._groups = 0
@@ -160,13 +161,16 @@ class Trainer:
         self._dropped += len(samples) - len(kept)
         return kept
 
-    def _backward(self, samples: list[Sample], scale: float) -> None:
+    def _backward(self, samples: list[Sample], scale: float, more: bool = False) -> bool:
+        """Backprop `samples` scaled by `scale`. FSDP: every rank calls this together and makes as many passes
+        as the busiest (zero-weight padding passes); returns whether any rank said `more`."""
         model = self.compute.model if self.compute is not None else self.model
         model.train()
         mbs = pack(samples, self.cfg.micro_batch_tokens)
         real = len(mbs)
         if self.cfg.fsdp:  # every FSDP pass is a sequence of collectives: all ranks make the same number
-            mbs += [pack([_idle_sample()], 2)[0]] * (_max_over_ranks(real, self.device) - real)
+            most, more = _max_over_ranks([real, int(more)], self.device)
+            mbs += [pack([_idle_sample()], 2)[0]] * (most - real)
         for i, mb in enumerate(mbs):
             lp = microbatch_logprobs(model, mb, self.device, self.precision == "autocast", self.forward)
             old = np.concatenate([s.old_logprobs[s.loss_mask] if s.old_logprobs is not None
@@ -180,6 +184,7 @@ class Trainer:
                 continue
             (total * scale).backward()
             self._loss_sum += float(total.detach())
+        return bool(more)
 
     def accumulate(self, trajectories, rewards) -> int:
         """Stream one group (the samples of one prompt): backprop its unscaled loss now. Returns #kept."""
@@ -197,10 +202,27 @@ class Trainer:
                 self._backward(kept, 1.0)
         return len(kept)
 
+    def accumulate_round(self, groups: Sequence[tuple[Sequence, Sequence[float]]], more: bool) -> bool:
+        """Streaming over several FSDP ranks: every rank calls this together, once per round, with the groups
+        it took since the last round (maybe none) and whether it still expects groups this step; their
+        unscaled gradient is accumulated now. Returns True while any rank expects more (call again)."""
+        self._rounds = True
+        kept_all = []
+        for trajs, rewards in groups:
+            kept = self._keep(trajectory_samples(trajs, rewards))
+            self._groups += 1
+            if kept:
+                self.loss.prepare_group(kept)
+                self.totals.add(kept)
+                kept_all += kept
+        return self._backward(kept_all, 1.0, more)
+
     def scale_gradients(self) -> tuple[Totals, float]:
         """The batch is complete: multiply the accumulated gradient once by the loss's batch scale (several FSDP
         ranks: run the step's backward passes now, already scaled, in step with the other ranks)."""
-        if self._deferred:
+        if self._rounds and self._pending:
+            raise RuntimeError("accumulate and accumulate_round mixed in one step over several ranks")
+        if self._deferred and not self._rounds:
             samples, self._pending = self._pending, []
             return self._backward_scaled(samples)
         totals = self._global_totals()
@@ -217,6 +239,7 @@ class Trainer:
 
     def backward_batch(self, groups: Sequence[tuple[Sequence, Sequence[float]]]) -> tuple[Totals, float]:
         """One-shot gradient: all groups `(trajectories, rewards)` known up front; backprop the scaled loss."""
+        self._rounds = True
         kept_all = []
         for trajs, rewards in groups:
             kept = self._keep(trajectory_samples(trajs, rewards))
