@@ -17,8 +17,9 @@ from npr_async.config import Config
 class Learner:
     """One learner rank. With `learner.num_workers` > 1 the controller starts one actor per rank, calls
     `rendezvous` on rank 0 and then `setup` on all at once (a torch.distributed group, FSDP over it); every
-    rank pulls groups from the same buffer (each group goes to whichever rank takes it), takes the optimizer
-    step together, and joins the full-weight gathers of a broadcast that rank 0 sends."""
+    rank pulls groups from the same buffer (each group goes to whichever rank takes it) and backprops them in
+    lockstep rounds, one per poll (`Trainer.accumulate_round`), takes the optimizer step together, and joins
+    the full-weight gathers of a broadcast that rank 0 sends."""
 
     def __init__(self, model_dir: str, config: Config | dict, device: str = "cpu", resume: str | None = None,
                  rank: int = 0, world_size: int = 1):
