@@ -111,12 +111,14 @@ class Learner:
         held = []  # groups kept for the one-shot path (streaming off)
         seen = 0
         stats = RolloutStats()
+        # several ranks step in rounds, so a rank waiting here holds the others' next backward: poll briefly
+        poll = 2.0 if self.world_size == 1 else 0.2
         while True:
             w0 = time.perf_counter()
             if w0 > deadline:
                 raise TimeoutError(f"learner: step {step} still waiting for groups from the replay buffer "
                                    f"after {timeout_s:.0f}s ({seen} groups received)")
-            got = ray.get(buffer.take.remote(timeout_s=min(2.0, max(deadline - w0, 0.01))),
+            got = ray.get(buffer.take.remote(timeout_s=min(poll, max(deadline - w0, 0.01))),
                           timeout=max(deadline - w0, 0.01) + 30)
             waited += time.perf_counter() - w0
             if got["step"] != step:
