@@ -104,3 +104,9 @@ def test_bad_files_and_override_syntax(tmp_path):
     assert "empty key in the path" in error_of(overrides=["learner..lr=1"])
     assert "`stage` is not a section" in error_of(overrides=["stage.x=1"])
     assert "not a YAML value" in error_of(overrides=["learner.schedule=[1"])
+
+
+def test_learner_ranks_need_fsdp():
+    msg = error_of(overrides=["learner.num_workers=2"])
+    assert "at key `learner`" in msg and "learner ranks need fsdp: true" in msg, msg
+    assert load_config(None, ["learner.num_workers=2", "learner.fsdp=true"]).learner.num_workers == 2
