@@ -138,6 +138,15 @@ def predict(rates: Rates, work: Workload, layout: Layout, gpus_per_node: int = 8
                       rollout_idle=1 - rollout / step, bottleneck=max(parts, key=parts.get))
 
 
+def config_overrides(layout: Layout) -> list[str]:
+    """The `--set` overrides that deploy a layout: one GPU per generator and per learner rank (FSDP over
+    several), the verifier actors on CPUs."""
+    sets = [f"rollout.num_workers={layout.generators}", "rollout.num_gpus_per_worker=1",
+            f"learner.num_workers={layout.learner_gpus}", "learner.num_gpus=1",
+            f"verifier.num_workers={layout.verifier_workers}"]
+    return sets + (["learner.fsdp=true"] if layout.learner_gpus > 1 else [])
+
+
 def verifier_workers_for(nodes: int, cpus_per_node: int, gpu_actors: int, cpus_per_gpu_actor: float = 2.0,
                          cpus_per_verifier: float = 1.0, reserved_cpus: float = 2.0) -> int:
     """Verifier workers the CPUs left by the GPU actors (and the driver, buffer) can hold; at least 1."""

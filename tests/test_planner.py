@@ -120,3 +120,15 @@ def test_rates_and_compare_from_a_bench_json():
     (row,) = compare([(doc, run)], rates)
     assert row["predicted"]["step_s"] == pytest.approx(1.88)
     assert row["error"] == pytest.approx(1.88 / 2.0 - 1)
+
+
+@pytest.mark.parametrize("layout", [Layout(3, 1, 4), Layout(26, 36, 386)])
+def test_a_layout_deploys_through_config_overrides(layout):
+    from npr_async.config import load_config
+    from npr_async.planner import config_overrides
+
+    c = load_config(None, config_overrides(layout))
+    assert (c.rollout.num_workers, c.learner.num_workers, c.verifier.num_workers) == (
+        layout.generators, layout.learner_gpus, layout.verifier_workers)
+    assert c.rollout.num_gpus_per_worker == 1 and c.learner.num_gpus == 1
+    assert c.learner.fsdp == (layout.learner_gpus > 1)  # several learner ranks shard with FSDP

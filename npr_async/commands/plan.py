@@ -131,6 +131,8 @@ def print_validation(rows: list[dict], calibrated_from: str) -> None:
 
 
 def print_plans(plans: list[dict], work, slack: float) -> None:
+    from npr_async.planner import Layout, config_overrides
+
     print(f"\nRecommended layouts ({work.prompts_per_step} prompts × {work.samples_per_prompt} samples, "
           f"chunks of {work.chunk_samples}, streaming {'on' if work.streaming else 'off'}; fewest GPUs within "
           f"{slack * 100:.0f}% of the fastest)")
@@ -142,3 +144,6 @@ def print_plans(plans: list[dict], work, slack: float) -> None:
               f"{lay['learner_gpus']:>4} {lay['verifier_workers']:>5} {p['nodes']:>5} | {p['step_s']:8.3f} "
               f"{p['rollout_s']:8.3f} {p['learner_tail_s']:7.3f} {p['sync_s']:7.3f} | "
               f"{p['learner_idle'] * 100:7.0f}% {p['rollout_idle'] * 100:7.0f}% | {p['bottleneck']}")
+    print("\nTo run a layout: npr-async train --config C with the row's overrides")
+    for p in plans:
+        print(f"{p['gpus']:>5}: " + " ".join(f"--set {o}" for o in config_overrides(Layout(**p["layout"]))))
