@@ -1,20 +1,30 @@
 """The engine's GEMM for projections and the LM head (`CausalLM.set_gemm(decode_linear)`).
 
-Decode batches of at most `triton_gemm.MAX_ROWS` rows on a GPU go to the Triton skinny GEMM (weight
-streaming: engine/triton_gemm.py); everything else (prefill, big batches, CPU, float32) to F.linear. The
+Decode batches of at most `triton_gemm.MAX_ROWS` rows on an Ampere-or-newer GPU go to the Triton skinny GEMM
+(weight streaming: engine/triton_gemm.py); everything else (prefill, big batches, CPU, float32, older GPUs)
+to F.linear. The
 choice is made inside an opaque custom op from the concrete row count, so one dynamic-shape torch.compile of
 the decode step serves every CUDA-graph bucket, and `triton_gemm.MAX_ROWS = 0` switches a process back to
 cuBLAS without recompiling (bench/engine.py compares both in one run).
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
 
+@functools.cache
+def _tensor_cores(device_index: int) -> bool:
+    """bf16/fp16 tl.dot on this GPU: Ampere (sm80) or newer, where the kernel was written and measured."""
+    return torch.cuda.get_device_capability(device_index) >= (8, 0)
+
+
 @torch.library.custom_op("npr::decode_linear", mutates_args=())
 def _decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    if x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and weight.dtype == x.dtype:
+    if (x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and weight.dtype == x.dtype
+            and _tensor_cores(x.device.index or 0)):
         from engine import triton_gemm
 
         if 0 < x.shape[0] <= triton_gemm.MAX_ROWS:
