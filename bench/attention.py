@@ -23,7 +23,7 @@ import triton
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.gemm import graph_ms  # noqa: E402
-from engine.triton_attention import decode_attention, default_splits  # noqa: E402
+from engine.triton_attention import decode_attention, default_block_n, default_splits  # noqa: E402
 
 
 def main() -> int:
@@ -54,7 +54,7 @@ def main() -> int:
         copy_ms = triton.testing.do_bench(lambda: dst.copy_(src))
         copy_gbs = 2 * src.numel() / copy_ms / 1e6  # read + write
         case = {"rows": rows, "ctx": ctx, "kv_bytes": nbytes, "copy_gbs": copy_gbs,
-                "default_splits": default_splits(rows, hkv, dev, max_splits=16 if rows * hkv < 32 else 32),
+                "default_splits": default_splits(rows, hkv, dev),
                 "configs": []}
         ref = decode_attention(q, kc, vc, table=table, lens=lens)
         for s, bn, w, st in itertools.product(*(map(int, x.split(",")) for x in (a.splits, a.block_n, a.warps, a.stages))):
@@ -75,7 +75,8 @@ def main() -> int:
         ok = [c for c in case["configs"] if "us" in c]
         best = min(ok, key=lambda c: c["us"])
         kw = inspect.signature(decode_attention).parameters  # the engine's defaults, whatever they are now
-        dflt_cfg = (case["default_splits"], 32 if rows * hkv < 32 else 64, *(kw[k].default for k in ("num_warps", "num_stages")))
+        dflt_cfg = (case["default_splits"], default_block_n(rows, hkv),
+                    *(kw[k].default for k in ("num_warps", "num_stages")))
         dflt = next((c for c in ok if (c["splits"], c["block_n"], c["warps"], c["stages"]) == dflt_cfg), None)
         case["best"], case["default"] = best, dflt
         res["cases"].append(case)

@@ -256,8 +256,7 @@ class LLM:
     def no_fork_at(req: Request) -> list[int]:
         """Token indices (flat order) of `</guideline>`s where the fork was suppressed (parse_structure's
         `no_fork_at`)."""
-        start, out = 0, []
-        offsets = {}
+        start, offsets = 0, {}
         for s in req.flat_order():
             offsets[s] = start
             start += len(req.segs[s].tokens)

@@ -131,9 +131,21 @@ def _merge_kernel(mo_ptr, ml_ptr, out_ptr, stride_ot, stride_oh, D: tl.constexpr
 _NUM_SMS: dict[int, int] = {}
 
 
-def default_splits(rows: int, num_kv_heads: int, device: torch.device, max_splits: int = 32) -> int:
-    """Enough programs to fill every SM once; depends only on the batch shape (graph-safe). More splits cost a
-    merge pass and partial-result traffic: on an H200 one split beat 2-4 at 64 and 256 rows (bench/attention.py)."""
+def _tiny(rows: int, num_kv_heads: int) -> bool:
+    """A few rows (rows x KV heads well under the SM count) are latency-bound: at 1 row, 16 splits of 32-slot
+    tiles took 4.9 us per layer where 32 splits of 64 took 6.1 (H200, CUDA graphs, 256-384 slots)."""
+    return rows * num_kv_heads < 32
+
+
+def default_block_n(rows: int, num_kv_heads: int) -> int:
+    return 32 if _tiny(rows, num_kv_heads) else 64
+
+
+def default_splits(rows: int, num_kv_heads: int, device: torch.device) -> int:
+    """Enough programs to fill every SM once (at most 16 for tiny batches, 32 otherwise); depends only on the
+    batch shape (graph-safe). More splits cost a merge pass and partial-result traffic: on an H200 one split
+    beat 2-4 at 64 and 256 rows (bench/attention.py)."""
+    max_splits = 16 if _tiny(rows, num_kv_heads) else 32
     if device.type != "cuda":  # the Triton interpreter (TRITON_INTERPRET=1) on CPU tensors
         return min(max_splits, 4)
     idx = device.index if device.index is not None else torch.cuda.current_device()
@@ -165,11 +177,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     out = torch.empty_like(q) if out is None else out
     if r == 0:
         return out
-    # A few rows (rows x KV heads well under the SM count) are latency-bound: at 1 row, 16 splits of 32-slot
-    # tiles took 4.9 us per layer where 32 splits of 64 took 6.1 (H200, CUDA graphs, 256-384 slots)
-    tiny = r * hkv < 32
-    splits = num_splits or default_splits(r, hkv, q.device, max_splits=16 if tiny else 32)
-    block_n = block_n or (32 if tiny else 64)
+    splits = num_splits or default_splits(r, hkv, q.device)
+    block_n = block_n or default_block_n(r, hkv)
     group = hq // hkv
     mo = ml = out  # unused placeholders when SPLITS == 1
     if splits > 1:

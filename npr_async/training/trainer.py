@@ -190,12 +190,18 @@ class Trainer:
         """Stream one group (the samples of one prompt): backprop its unscaled loss now. Returns #kept."""
         return self.accumulate_samples(trajectory_samples(trajectories, rewards))
 
-    def accumulate_samples(self, samples: list[Sample]) -> int:
+    def _take_group(self, samples: list[Sample]) -> list[Sample]:
+        """One group into the batch: its kept samples, prepared by the loss and counted in the totals."""
         kept = self._keep(samples)
         self._groups += 1
         if kept:
             self.loss.prepare_group(kept)
             self.totals.add(kept)
+        return kept
+
+    def accumulate_samples(self, samples: list[Sample]) -> int:
+        kept = self._take_group(samples)
+        if kept:
             if self._deferred:  # ranks stream different numbers of micro-batches: backprop together at the end
                 self._pending += kept
             else:
@@ -207,15 +213,7 @@ class Trainer:
         it took since the last round (maybe none) and whether it still expects groups this step; their
         unscaled gradient is accumulated now. Returns True while any rank expects more (call again)."""
         self._rounds = True
-        kept_all = []
-        for trajs, rewards in groups:
-            kept = self._keep(trajectory_samples(trajs, rewards))
-            self._groups += 1
-            if kept:
-                self.loss.prepare_group(kept)
-                self.totals.add(kept)
-                kept_all += kept
-        return self._backward(kept_all, 1.0, more)
+        return self._backward(self._kept_groups(groups), 1.0, more)
 
     def scale_gradients(self) -> tuple[Totals, float]:
         """The batch is complete: multiply the accumulated gradient once by the loss's batch scale (several FSDP
@@ -239,16 +237,10 @@ class Trainer:
 
     def backward_batch(self, groups: Sequence[tuple[Sequence, Sequence[float]]]) -> tuple[Totals, float]:
         """One-shot gradient: all groups `(trajectories, rewards)` known up front; backprop the scaled loss."""
-        self._rounds = True
-        kept_all = []
-        for trajs, rewards in groups:
-            kept = self._keep(trajectory_samples(trajs, rewards))
-            self._groups += 1
-            if kept:
-                self.loss.prepare_group(kept)
-                self.totals.add(kept)
-                kept_all += kept
-        return self._backward_scaled(kept_all)
+        return self._backward_scaled(self._kept_groups(groups))
+
+    def _kept_groups(self, groups: Sequence[tuple[Sequence, Sequence[float]]]) -> list[Sample]:
+        return [s for trajs, rewards in groups for s in self._take_group(trajectory_samples(trajs, rewards))]
 
     def _backward_scaled(self, samples: list[Sample]) -> tuple[Totals, float]:
         totals = self._global_totals()
@@ -262,12 +254,7 @@ class Trainer:
 
     def train_samples(self, samples: list[Sample]) -> dict:
         """One-shot step over samples forming one group (SFT: the whole batch)."""
-        samples = self._keep(samples)
-        self._groups += 1
-        if samples:
-            self.loss.prepare_group(samples)
-            self.totals.add(samples)
-        return self._optimizer_step(*self._backward_scaled(samples))
+        return self._optimizer_step(*self._backward_scaled(self._take_group(samples)))
 
     def _global_totals(self) -> Totals:
         if _world() == 1:
