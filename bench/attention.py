@@ -23,7 +23,7 @@ import triton
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.gemm import graph_ms  # noqa: E402
-from engine.triton_attention import decode_attention, default_block_n, default_splits  # noqa: E402
+from engine.triton_attention import decode_attention, default_block_n, default_splits, default_stages  # noqa: E402
 
 
 def main() -> int:
@@ -75,8 +75,8 @@ def main() -> int:
         ok = [c for c in case["configs"] if "us" in c]
         best = min(ok, key=lambda c: c["us"])
         kw = inspect.signature(decode_attention).parameters  # the engine's defaults, whatever they are now
-        dflt_cfg = (case["default_splits"], default_block_n(rows, hkv),
-                    *(kw[k].default for k in ("num_warps", "num_stages")))
+        dflt_cfg = (case["default_splits"], default_block_n(rows, hkv), kw["num_warps"].default,
+                    default_stages(rows, hkv))
         dflt = next((c for c in ok if (c["splits"], c["block_n"], c["warps"], c["stages"]) == dflt_cfg), None)
         case["best"], case["default"] = best, dflt
         res["cases"].append(case)

@@ -141,7 +141,7 @@ def bench_ours(model, args, res):
     res["decode"] = res["decode_by_gemm"][gemms[0]]
     V = cfg.vocab_size
     if args.profile and batches:
-        for b in (batches[0], batches[-1]):
+        for b in batches:
             res[f"profile_b{b}"] = profile_step(g, b, args.out)
     forks = []
     for k in ks:

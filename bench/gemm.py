@@ -57,21 +57,25 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shape", default="qwen3-4b", choices=sorted(SHAPES))
     ap.add_argument("--rows", default="1,16,64")
+    ap.add_argument("--products", default="", help="comma-separated subset of the shape's products (default all)")
     ap.add_argument("--block-n", default="32,64,128")
     ap.add_argument("--block-k", default="128,256")
     ap.add_argument("--waves", default="1,2,4")
     ap.add_argument("--stages", default="3,4,5")
     ap.add_argument("--warps", default="4")
+    ap.add_argument("--block-m", default="0", help="row blocks to sweep (0: the engine's choice for the rows)")
     ap.add_argument("--out", required=True)
     a = ap.parse_args()
     dev, dtype = torch.device("cuda"), torch.bfloat16
     ints = lambda s: [int(v) for v in s.split(",") if v]  # noqa: E731
-    grid = list(itertools.product(*(ints(v) for v in (a.block_n, a.block_k, a.waves, a.stages, a.warps))))
+    grid = list(itertools.product(*(ints(v) for v in (a.block_n, a.block_k, a.waves, a.stages, a.warps, a.block_m))))
     res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "shape": a.shape,
            "copy_bw": copy_bandwidth(), "cases": []}
     print(f"{res['device']} copy {res['copy_bw'] / 1e12:.2f} TB/s, {len(grid)} configs", flush=True)
     steps = {}
     for name, (n, k, times) in SHAPES[a.shape].items():
+        if a.products and name not in a.products.split(","):
+            continue
         copies = max(1, -(-(512 << 20) // (n * k * 2)))
         ws = [torch.randn(n, k, device=dev, dtype=dtype) / k ** 0.5 for _ in range(copies)]
         for m in ints(a.rows):
@@ -83,8 +87,8 @@ def main() -> int:
             case["default_ms"] = graph_ms(lambda: [skinny_linear(x, w) for w in ws]) / copies
             err = (skinny_linear(x, ws[0]).float() - ref).abs().max().item()
             case["default_err"] = err
-            for bn, bk, wv, st, wp in grid:
-                tune = dict(block_n=bn, block_k=bk, waves=wv, num_stages=st, num_warps=wp)
+            for bn, bk, wv, st, wp, bm in grid:
+                tune = dict(block_n=bn, block_k=bk, waves=wv, num_stages=st, num_warps=wp, block_m=bm or None)
                 try:
                     e = (skinny_linear(x, ws[0], **tune).float() - ref).abs().max().item()
                     ms = graph_ms(lambda: [skinny_linear(x, w, **tune) for w in ws]) / copies

@@ -10,7 +10,8 @@ Inputs live in static device buffers that the caller fills in place:
     table      [table_rows, W] int32  context slots per table row, in order (shared trunk slots repeat per
                                       row); a replay first appends each row's new slot at table[rows, lens - 1]
     temperature [max_batch] f32       0 = greedy
-A replay leaves the sampled tokens in `tokens[:b]` and their logprobs in `logprobs[:b]`, on the device: the
+A replay leaves the sampled tokens in `tokens[:b]` and their logprobs in `logprobs[:b]`, on the device (and
+the logits, in the model's dtype, in `logits[b]`; float32 with `sample=False`): the
 decode loop feeds them back with device copies, so one step needs no host synchronisation at all; the
 engine syncs once per step when it reads the tokens for the NPR state machine. With `sample=False` the
 graphs stop at the logits for a sampler that lives outside (per-request seeds): `run_items` is the engine's
@@ -49,10 +50,9 @@ def slot_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torc
     kc, vc = k_cache[layer], v_cache[layer]
     if q.device.type != "cuda":
         return _torch_slot_decode(q, k, v, kc, vc, slots, table, lens, rows)
-    from engine.triton_attention import decode_attention, store_kv
+    from engine.triton_attention import decode_attention
 
-    store_kv(k, v, kc, vc, slots)
-    return decode_attention(q, kc, vc, table=table, lens=lens, rows=rows)
+    return decode_attention(q, kc, vc, table=table, lens=lens, rows=rows, new_kv=(k, v, slots))
 
 
 def _torch_slot_decode(q, k, v, kc, vc, slots, table, lens, rows):
@@ -74,11 +74,11 @@ def _(q, k, v, k_cache, v_cache, layer, slots, table, lens, rows):
 
 
 def decode_step(model, ids, pos, k_cache, v_cache, slots, table, lens, rows):
-    """hidden -> logits of one decode step over the slot table (the function that is compiled)."""
+    """Logits (in the model's dtype) of one decode step over the slot table (the function that is compiled)."""
     def attn(layer, q, k, v):
         return torch.ops.npr.slot_decode(q, k, v, k_cache, v_cache, layer, slots, table, lens, rows)
 
-    return model.compute_logits(model(ids, pos, attn))
+    return model.head_logits(model(ids, pos, attn))
 
 
 _compiled: dict = {}
@@ -123,13 +123,15 @@ class DecodeGraphs:
         slots, lens, rows = meta.unbind(0)
         self.table[torch.where(slots >= 0, rows, self.scratch), (lens - 1).clamp_min(0)] = slots
         logits = self.forward(self.model, self.ids[:b], self.pos[:b], self.k, self.v, slots, self.table, lens, rows)
-        self.logits[b] = logits
-        if self.sample and logits.is_cuda:  # one fused read of the logits (engine/triton_sampling.py)
+        if self.sample and logits.is_cuda:  # one fused read of the model-dtype logits (engine/triton_sampling.py)
             from engine.triton_sampling import gumbel_sample
 
+            self.logits[b] = logits  # float32 would be the same values, copied: nothing here needs it
             gumbel_sample(logits, self.temperature[:b], self.seed, self.tokens[:b], self.logprobs[:b])
             self.seed.add_(1)
-        elif self.sample:
+            return
+        logits = self.logits[b] = logits.float()
+        if self.sample:
             tok, lp = sample(logits, self.temperature[:b])
             self.tokens[:b].copy_(tok)
             self.logprobs[:b].copy_(lp)

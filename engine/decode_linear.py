@@ -1,8 +1,8 @@
 """The engine's GEMM for projections and the LM head (`CausalLM.set_gemm(decode_linear)`).
 
-Decode batches of at most `triton_gemm.MAX_ROWS` rows on an Ampere-or-newer GPU go to the Triton skinny GEMM
-(weight streaming: engine/triton_gemm.py); everything else (prefill, big batches, CPU, float32, older GPUs)
-to F.linear. The choice is made inside an opaque custom op from the concrete row count, so one dynamic-shape
+Decode batches of few rows (`triton_gemm.takes`: up to 16, or 64 on wide products) on an Ampere-or-newer GPU
+go to the Triton skinny GEMM (weight streaming: engine/triton_gemm.py); everything else (prefill, big batches,
+CPU, float32, older GPUs) to F.linear. The choice is made inside an opaque custom op from the concrete row count, so one dynamic-shape
 torch.compile of the decode step serves every CUDA-graph bucket, and `triton_gemm.MAX_ROWS = 0` switches a
 process back to cuBLAS without recompiling (bench/engine.py compares both in one run).
 """
@@ -26,7 +26,7 @@ def _decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
             and _tensor_cores(x.device.index or 0)):
         from engine import triton_gemm
 
-        if 0 < x.shape[0] <= triton_gemm.MAX_ROWS:
+        if triton_gemm.takes(x.shape[0], weight.shape[0]):
             return triton_gemm.skinny_linear(x, weight, bias)
     return F.linear(x, weight, bias)
 

@@ -91,10 +91,15 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype  # normalise in float32, scale in the input dtype (as HF)
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        return rms_norm(x, self.weight, self.eps)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Normalise the last dim in float32, scale in the input dtype (as HF); weight broadcasts from the right."""
+    dtype = x.dtype
+    x = x.float()
+    x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x.to(dtype)
 
 
 class Attention(nn.Module):
@@ -117,16 +122,22 @@ class Attention(nn.Module):
     def qkv(self, x, rope: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """q [T, Hq, Dh], k and v [T, Hkv, Dh]: projections, q/k-norm and RoPE (what attention backends get)."""
         t = x.shape[0]
-        if hasattr(self, "qkv_proj"):  # fused (engine/fusion.py): column slices of one output: views, no copies
-            q, k, v = self.qkv_proj(x).split([self.hq * self.dh, self.hkv * self.dh, self.hkv * self.dh], -1)
-            q, k, v = q.view(t, self.hq, self.dh), k.view(t, self.hkv, self.dh), v.view(t, self.hkv, self.dh)
-        else:
+        if not hasattr(self, "qkv_proj"):
             q = self.q_proj(x).view(t, self.hq, self.dh)
             k = self.k_proj(x).view(t, self.hkv, self.dh)
             v = self.v_proj(x).view(t, self.hkv, self.dh)
+            if hasattr(self, "q_norm"):
+                q, k = self.q_norm(q), self.k_norm(k)
+            return apply_rope(q, *rope), apply_rope(k, *rope), v
+        # fused (engine/fusion.py): column slices of one output (views), and the q and k heads normed and
+        # rotated as one tensor, which compiles to one kernel instead of two
+        qk, v = self.qkv_proj(x).split([(self.hq + self.hkv) * self.dh, self.hkv * self.dh], -1)
+        qk, v = qk.view(t, self.hq + self.hkv, self.dh), v.view(t, self.hkv, self.dh)
         if hasattr(self, "q_norm"):
-            q, k = self.q_norm(q), self.k_norm(k)
-        return apply_rope(q, *rope), apply_rope(k, *rope), v
+            w = torch.cat([self.q_norm.weight.expand(self.hq, -1), self.k_norm.weight.expand(self.hkv, -1)])
+            qk = rms_norm(qk, w, self.q_norm.eps)
+        q, k = apply_rope(qk, *rope).split([self.hq, self.hkv], 1)
+        return q, k, v
 
 
 class MLP(nn.Module):
@@ -208,8 +219,11 @@ class CausalLM(nn.Module):
         return m.norm(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        gemm = self.head_gemm or F.linear
-        return gemm(hidden, self.head_weight, None).float()
+        return self.head_logits(hidden).float()
+
+    def head_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The LM head's product in the model's dtype (compute_logits' values before the float32 copy)."""
+        return (self.head_gemm or F.linear)(hidden, self.head_weight, None)
 
     def set_gemm(self, gemm=None) -> "CausalLM":
         """Route every projection and the LM head through `gemm(x, weight, bias)` (the engine's decode GEMM,

@@ -7,9 +7,11 @@ segments is one flat index list, so the kernel never needs to know about forks o
 
 Flash-decoding: the grid is (rows, kv heads, splits). One program takes the GROUP query heads of one KV
 head (GQA: K/V are read once per group, the heads padded to 16 for `tl.dot`), walks its split of the row's
-slots in tiles of BLOCK_N with an online softmax, and writes a partial (out, lse); a second kernel merges
-the splits. With one split the first kernel writes the output directly. The split count is a launch
-constant chosen from the batch size alone, so the launch is CUDA-graph capturable (lengths stay on the GPU).
+slots in tiles of BLOCK_N with an online softmax, and writes a partial (out, lse); the last split of a
+(row, KV head) to finish merges them (an arrival counter, as engine/triton_gemm.py's split-K), so one launch
+does it all. The split count is a launch constant chosen from the batch size alone, so the launch is
+CUDA-graph capturable (lengths stay on the GPU). A decode step hands the kernel its new k/v (`new_kv`): the
+KV write is fused into the same launch.
 """
 from __future__ import annotations
 
@@ -52,11 +54,12 @@ def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
 
 
 @triton.jit
-def _decode_kernel(q_ptr, kc_ptr, vc_ptr, ptr_ptr, len_ptr, idx_ptr, out_ptr, mo_ptr, ml_ptr,
-                   scale_log2, stride_qt, stride_qh, stride_ot, stride_oh, table_stride,
+def _decode_kernel(q_ptr, kc_ptr, vc_ptr, ptr_ptr, len_ptr, idx_ptr, out_ptr, mo_ptr, ml_ptr, lock_ptr,
+                   kn_ptr, vn_ptr, slot_ptr, scale_log2, stride_qt, stride_qh, stride_ot, stride_oh, table_stride,
+                   stride_kn, stride_vn,
                    KV_ROW: tl.constexpr, GROUP: tl.constexpr, BLOCK_H: tl.constexpr, D: tl.constexpr,
                    BLOCK_N: tl.constexpr, SPLITS: tl.constexpr, PADDED: tl.constexpr, PREC: tl.constexpr,
-                   INDIRECT: tl.constexpr):
+                   INDIRECT: tl.constexpr, NEW_KV: tl.constexpr):
     row = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -72,6 +75,10 @@ def _decode_kernel(q_ptr, kc_ptr, vc_ptr, ptr_ptr, len_ptr, idx_ptr, out_ptr, mo
     per = tl.cdiv(tl.cdiv(n, SPLITS), BLOCK_N) * BLOCK_N
     lo = split * per
     hi = tl.minimum(lo + per, n)
+    # NEW_KV: the row's last context entry is its new token, whose k/v come in registers (kn/vn) rather than
+    # from the cache: the program whose range holds it writes them to the cache (the fused KV write) and
+    # attends to them directly, so no program reads a slot that this launch writes.
+    cache_hi = tl.minimum(hi, n - 1) if NEW_KV else hi
 
     offs_h = tl.arange(0, BLOCK_H)
     offs_d = tl.arange(0, D)
@@ -82,9 +89,9 @@ def _decode_kernel(q_ptr, kc_ptr, vc_ptr, ptr_ptr, len_ptr, idx_ptr, out_ptr, mo
     m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_H], tl.float32)
     acc = tl.zeros([BLOCK_H, D], tl.float32)
-    for s in range(lo, hi, BLOCK_N):
+    for s in range(lo, cache_hi, BLOCK_N):
         offs_n = s + tl.arange(0, BLOCK_N)
-        nmask = offs_n < hi
+        nmask = offs_n < cache_hi
         slots = tl.load(idx_ptr + start + offs_n, mask=nmask, other=0).to(tl.int64)
         kv_off = slots[:, None] * KV_ROW + kvh * D + offs_d[None, :]
         k = tl.load(kc_ptr + kv_off, mask=nmask[:, None], other=0.0)
@@ -97,35 +104,58 @@ def _decode_kernel(q_ptr, kc_ptr, vc_ptr, ptr_ptr, len_ptr, idx_ptr, out_ptr, mo
         v = tl.load(vc_ptr + kv_off, mask=nmask[:, None], other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
         m_i = m_new
+    if NEW_KV:
+        if (n > 0) & (lo <= n - 1) & (n - 1 < hi):
+            k_new = tl.load(kn_ptr + row * stride_kn + kvh * D + offs_d)
+            v_new = tl.load(vn_ptr + row * stride_vn + kvh * D + offs_d)
+            slot = tl.load(slot_ptr + row).to(tl.int64)
+            if slot >= 0:  # < 0: a padding row of a CUDA-graph bucket writes nothing
+                tl.store(kc_ptr + slot * KV_ROW + kvh * D + offs_d, k_new.to(kc_ptr.dtype.element_ty))
+                tl.store(vc_ptr + slot * KV_ROW + kvh * D + offs_d, v_new.to(vc_ptr.dtype.element_ty))
+            k_new = k_new.to(kc_ptr.dtype.element_ty).to(tl.float32)  # as the cache holds it
+            v_new = v_new.to(vc_ptr.dtype.element_ty).to(tl.float32)
+            qk1 = tl.sum(q.to(tl.float32) * k_new[None, :], 1) * scale_log2
+            m_new = tl.maximum(m_i, qk1)
+            p1 = tl.math.exp2(qk1 - m_new)
+            alpha = tl.math.exp2(m_i - m_new)
+            l_i = l_i * alpha + p1
+            acc = acc * alpha[:, None] + p1[:, None] * v_new[None, :]
+            m_i = m_new
     nonempty = l_i > 0
     out = acc / tl.where(nonempty, l_i, 1.0)[:, None]  # an empty context gives zeros, never NaN
+    o_ptrs = out_ptr + row * stride_ot + heads[:, None] * stride_oh + offs_d[None, :]
     if SPLITS == 1:
-        o_ptrs = out_ptr + row * stride_ot + heads[:, None] * stride_oh + offs_d[None, :]
         tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=hmask[:, None])
     else:
+        # Every split stores its partial (out, lse) and counts itself in on the (row, kv head) lock; the last
+        # to arrive merges all partials in split order (deterministic: no float atomics) and re-arms the lock
+        # (the same scheme as engine/triton_gemm.py's split-K), so one launch does what a merge kernel did.
         hq = tl.num_programs(1) * GROUP
-        base = (row * hq + heads) * SPLITS + split  # partials [R, Hq, SPLITS, (D)]
-        tl.store(mo_ptr + base[:, None] * D + offs_d[None, :], out, mask=hmask[:, None])
+        base = (row * hq + heads) * SPLITS  # partials [R, Hq, SPLITS, (D)]
         lse = tl.where(nonempty, m_i + tl.math.log2(tl.where(nonempty, l_i, 1.0)), float("-inf"))
-        tl.store(ml_ptr + base, lse, mask=hmask)
-
-
-@triton.jit
-def _merge_kernel(mo_ptr, ml_ptr, out_ptr, stride_ot, stride_oh, D: tl.constexpr, SPLITS: tl.constexpr,
-                  BLOCK_S: tl.constexpr):
-    row = tl.program_id(0)
-    h = tl.program_id(1)
-    base = (row * tl.num_programs(1) + h) * SPLITS
-    offs_s = tl.arange(0, BLOCK_S)
-    offs_d = tl.arange(0, D)
-    smask = offs_s < SPLITS
-    lse = tl.load(ml_ptr + base + offs_s, mask=smask, other=float("-inf"))
-    m = tl.max(lse, 0)
-    w = tl.where(lse > float("-inf"), tl.math.exp2(lse - tl.where(m > float("-inf"), m, 0.0)), 0.0)
-    o = tl.load(mo_ptr + (base + offs_s)[:, None] * D + offs_d[None, :], mask=smask[:, None], other=0.0)
-    tot = tl.sum(w, 0)
-    res = tl.sum(o * w[:, None], 0) / tl.where(tot > 0, tot, 1.0)
-    tl.store(out_ptr + row * stride_ot + h * stride_oh + offs_d, res.to(out_ptr.dtype.element_ty))
+        tl.store(mo_ptr + (base + split)[:, None] * D + offs_d[None, :], out, mask=hmask[:, None])
+        tl.store(ml_ptr + base + split, lse, mask=hmask)
+        tl.debug_barrier()
+        lock = lock_ptr + row * tl.num_programs(1) + kvh
+        last = tl.atomic_add(lock, 1, sem="acq_rel") == SPLITS - 1
+        if last:
+            m = tl.full([BLOCK_H], float("-inf"), tl.float32)
+            tot = tl.zeros([BLOCK_H], tl.float32)
+            res = tl.zeros([BLOCK_H, D], tl.float32)
+            for j in tl.static_range(SPLITS):  # online merge over the splits, in order
+                lse_j = tl.load(ml_ptr + base + j, mask=hmask, other=float("-inf"), cache_modifier=".cg")
+                o_j = tl.load(mo_ptr + (base + j)[:, None] * D + offs_d[None, :], mask=hmask[:, None], other=0.0,
+                              cache_modifier=".cg")
+                m_new = tl.maximum(m, lse_j)
+                live = m_new > float("-inf")
+                scale = tl.where(live, tl.math.exp2(m - tl.where(live, m_new, 0.0)), 0.0)
+                w = tl.where(live, tl.math.exp2(lse_j - tl.where(live, m_new, 0.0)), 0.0)
+                res = res * scale[:, None] + w[:, None] * o_j
+                tot = tot * scale + w
+                m = m_new
+            res = res / tl.where(tot > 0, tot, 1.0)[:, None]
+            tl.store(o_ptrs, res.to(out_ptr.dtype.element_ty), mask=hmask[:, None])
+            tl.atomic_xchg(lock, 0)
 
 
 _NUM_SMS: dict[int, int] = {}
@@ -138,7 +168,17 @@ def _tiny(rows: int, num_kv_heads: int) -> bool:
 
 
 def default_block_n(rows: int, num_kv_heads: int) -> int:
-    return 32 if _tiny(rows, num_kv_heads) else 64
+    """32-slot tiles for tiny batches, 128 from 128 rows of 8 KV heads on (at 256 rows x 256-384 slots: 71 vs
+    74 us and 103 vs 107 us per layer against 64, H200 in a CUDA graph), 64 between (best at 64 rows)."""
+    if _tiny(rows, num_kv_heads):
+        return 32
+    return 128 if rows * num_kv_heads >= 1024 else 64
+
+
+def default_stages(rows: int, num_kv_heads: int) -> int:
+    """3-stage pipeline; 2 with 128-slot tiles (as fast on an H200, and two 64-KB K/V stages also fit an
+    A100's shared memory)."""
+    return 2 if default_block_n(rows, num_kv_heads) == 128 else 3
 
 
 def default_splits(rows: int, num_kv_heads: int, device: torch.device) -> int:
@@ -158,12 +198,16 @@ def default_splits(rows: int, num_kv_heads: int, device: torch.device) -> int:
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, *,
                      indptr: torch.Tensor | None = None, indices: torch.Tensor | None = None,
                      table: torch.Tensor | None = None, lens: torch.Tensor | None = None,
-                     rows: torch.Tensor | None = None, num_splits: int | None = None,
-                     out: torch.Tensor | None = None, block_n: int | None = None, num_warps: int = 4,
-                     num_stages: int = 3) -> torch.Tensor:
+                     rows: torch.Tensor | None = None, new_kv: tuple | None = None,
+                     num_splits: int | None = None, out: torch.Tensor | None = None, block_n: int | None = None,
+                     num_warps: int = 4, num_stages: int | None = None) -> torch.Tensor:
     """q [R, Hq, D]; caches [S, Hkv, D]; context of row r: CSR `indices[indptr[r]:indptr[r+1]]` or the
     padded `table[rows[r], :lens[r]]` (int32 slots; rows None: table row r). Returns [R, Hq, D] in q's
-    dtype; scale 1/sqrt(D)."""
+    dtype; scale 1/sqrt(D).
+    new_kv = (k [R, Hkv, D], v [R, Hkv, D], slots int32 [R]): the fused KV write of a decode step. Each row's
+    last context entry is then its new token: k[r], v[r] are written to `slots[r]` (< 0: not written) and
+    attended to from registers, never read back from the cache. A row's context must not hold another row's
+    new slot (true of decoding: a token is seen by later steps only)."""
     r, hq, d = q.shape
     hkv = k_cache.shape[1]
     assert hq % hkv == 0 and k_cache.shape[2] == d and q.stride(2) == 1
@@ -177,23 +221,35 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     out = torch.empty_like(q) if out is None else out
     if r == 0:
         return out
+    if new_kv is not None:
+        k_new, v_new, new_slots = new_kv
+        k_new, v_new = k_new.reshape(r, hkv * d), v_new.reshape(r, hkv * d)
+        if k_new.stride(1) != 1:
+            k_new = k_new.contiguous()
+        if v_new.stride(1) != 1:
+            v_new = v_new.contiguous()
+        assert k_cache.is_contiguous() and v_cache.is_contiguous() and new_slots.shape == (r,)
+    else:
+        k_new = v_new = new_slots = out  # unused placeholders
     splits = num_splits or default_splits(r, hkv, q.device)
     block_n = block_n or default_block_n(r, hkv)
+    num_stages = num_stages or default_stages(r, hkv)
     group = hq // hkv
-    mo = ml = out  # unused placeholders when SPLITS == 1
+    mo = ml = locks = out  # unused placeholders when SPLITS == 1
     if splits > 1:
+        from engine.triton_gemm import arrival_counters
+
         mo = torch.empty(r, hq, splits, d, dtype=torch.float32, device=q.device)
         ml = torch.empty(r, hq, splits, dtype=torch.float32, device=q.device)
+        locks = arrival_counters(q.device, r * hkv)
     _decode_kernel[(r, hkv, splits)](
-        q, k_cache, v_cache, ptr, ln, idx, out, mo, ml, math.log2(math.e) / math.sqrt(d),
-        q.stride(0), q.stride(1), out.stride(0), out.stride(1), tstride,
+        q, k_cache, v_cache, ptr, ln, idx, out, mo, ml, locks, k_new, v_new, new_slots,
+        math.log2(math.e) / math.sqrt(d), q.stride(0), q.stride(1), out.stride(0), out.stride(1), tstride,
+        k_new.stride(0), v_new.stride(0),
         KV_ROW=hkv * d, GROUP=group, BLOCK_H=max(16, triton.next_power_of_2(group)), D=d,
         BLOCK_N=block_n, SPLITS=splits, PADDED=padded, INDIRECT=padded and rows is not None,
-        num_warps=num_warps, num_stages=num_stages,
+        NEW_KV=new_kv is not None, num_warps=num_warps, num_stages=num_stages,
         PREC="ieee" if q.dtype == torch.float32 else "tf32")  # float32 caches (tests): no tf32 rounding
-    if splits > 1:
-        _merge_kernel[(r, hq)](mo, ml, out, out.stride(0), out.stride(1), D=d, SPLITS=splits,
-                               BLOCK_S=triton.next_power_of_2(splits), num_warps=4)
     return out
 
 
@@ -227,6 +283,7 @@ class TritonPagedAttention(PagedAttention):
             new_slots.extend(ctx[len(ctx) - n:])
             rows.extend(ctx[:len(ctx) - n + j + 1] for j in range(n))
         self.rows_ctx = len(rows)
+        self.decode_only = all(n == 1 for _, n in seqs)  # each row's new token is its last entry: fused write
         self.slot_mapping = torch.tensor(new_slots, dtype=torch.int32).to(dev)
         self.indptr, self.indices = csr(rows, dev)
 
@@ -234,6 +291,9 @@ class TritonPagedAttention(PagedAttention):
         if self.rows_ctx is None:
             return super().__call__(layer, q, k, v)
         kc, vc = self.kv.k[layer], self.kv.v[layer]
-        store_kv(k.to(kc.dtype), v.to(vc.dtype), kc, vc, self.slot_mapping)
+        k, v = k.to(kc.dtype), v.to(vc.dtype)
+        new_kv = (k, v, self.slot_mapping) if self.decode_only else None
+        if new_kv is None:  # an extend's later tokens read its earlier new tokens from the cache
+            store_kv(k, v, kc, vc, self.slot_mapping)
         return decode_attention(q.to(kc.dtype), kc, vc, indptr=self.indptr, indices=self.indices,
-                                num_splits=self.num_splits).to(q.dtype)
+                                new_kv=new_kv, num_splits=self.num_splits).to(q.dtype)

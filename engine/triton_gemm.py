@@ -19,9 +19,17 @@ import triton
 import triton.language as tl
 
 # Row counts up to which engine/decode_linear.py uses this kernel: on an H200 it beat cuBLAS at 1 and 16 rows
-# and lost at 64 (bench/gemm.py, BENCHMARKS.md). Module-level so a benchmark can switch it per run.
+# on every product; at 64 rows only on the wide ones (gate/up 28.7 vs 31.3 us, LM head 191 vs 198 us; q/k/v,
+# o and down lose): bench/gemm.py, BENCHMARKS.md. Module-level so a benchmark can switch it per run
+# (MAX_ROWS = 0: cuBLAS everywhere).
 DEFAULT_MAX_ROWS = 16
 MAX_ROWS = DEFAULT_MAX_ROWS
+WIDE_MAX_ROWS, WIDE_MIN_N = 64, 16384
+
+
+def takes(m: int, n: int) -> bool:
+    """Whether an [m, K] @ [K, n] decode product should run here rather than on cuBLAS."""
+    return 0 < m <= MAX_ROWS or (MAX_ROWS > 0 and m <= WIDE_MAX_ROWS and n >= WIDE_MIN_N)
 
 
 @triton.jit
@@ -73,15 +81,16 @@ def _skinny_kernel(x_ptr, w_ptr, b_ptr, y_ptr, part_ptr, lock_ptr, M, N, K, k_sp
 _LOCKS: dict[torch.device, torch.Tensor] = {}
 
 
-def _locks(device: torch.device, n: int) -> torch.Tensor:
-    """Per-tile arrival counters, zero between launches (each launch re-arms the ones it used). One buffer per
-    device, so split launches must not run concurrently on two streams (the engine decodes on one). Grown
+def arrival_counters(device: torch.device, n: int) -> torch.Tensor:
+    """Per-tile arrival counters of split launches (this split-K and engine/triton_attention.py's split
+    merge), zero between launches (each launch re-arms the ones it used). One buffer per device, so split
+    launches must not run concurrently on two streams (the engine decodes on one). Grown
     outside CUDA-graph capture only (a capture must find it big enough: DecodeGraphs warms every bucket up
     eagerly first)."""
     buf = _LOCKS.get(device)
     if buf is None or buf.numel() < n:
         if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            raise RuntimeError(f"skinny_linear: {n} tile locks needed during CUDA-graph capture; run the "
+            raise RuntimeError(f"{n} arrival counters needed during CUDA-graph capture; run the "
                                "shape once before capturing")
         buf = _LOCKS[device] = torch.zeros(max(n, 1 << 14, 2 * (buf.numel() if buf is not None else 0)),
                                            dtype=torch.int32, device=device)
@@ -93,15 +102,21 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def config(m: int, n: int, k: int, sms: int, block_n: int | None = None, block_k: int = 128, waves: int = 2,
-           num_warps: int = 4, num_stages: int = 3) -> dict:
+def config(m: int, n: int, k: int, sms: int, block_n: int | None = None, block_k: int | None = None,
+           waves: int = 2, num_warps: int = 4, num_stages: int | None = None, block_m: int | None = None) -> dict:
     """Launch config of one product, from bench/gemm.py on an H200 (Qwen3-4B and 0.6B projections).
-    block_m: rows padded to the tl.dot minimum of 16 (x is tiny: the padding costs no HBM traffic).
-    block_n: 64 columns for a single row (fewer, longer-lived programs), 32 from 2 rows on.
+    block_m: rows padded to the tl.dot minimum of 16 (x is tiny: the padding costs no HBM traffic), at most 64
+    (more rows are row blocks that re-read the weights, mostly from L2; bench/gemm.py sweeps larger blocks).
+    block_n x block_k: 64 x 128 for a single row (fewer, longer-lived programs), 32 x 128 up to 16 rows; above
+    (wide products only, `takes`) 64 x 64 with 4 stages, and 128 x 64 with 3 for the LM head.
     splits: the fewest (a power of two) that give `waves` tiles per SM, keeping at least two BLOCK_K steps per
     split for the pipeline to overlap."""
-    block_m = 16 if m <= 16 else 32 if m <= 32 else 64
-    block_n = block_n or (64 if m == 1 else 32)
+    block_m = block_m or (16 if m <= 16 else 32 if m <= 32 else 64)
+    if m <= 16:
+        block_n, block_k, num_stages = block_n or (64 if m == 1 else 32), block_k or 128, num_stages or 3
+    else:
+        head = n >= 65536
+        block_n, block_k, num_stages = block_n or (128 if head else 64), block_k or 64, num_stages or (3 if head else 4)
     tiles = triton.cdiv(n, block_n) * triton.cdiv(m, block_m)
     splits = 1
     while tiles * splits < waves * sms and k // (2 * splits * block_k) >= 2:
@@ -126,7 +141,7 @@ def skinny_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = 
     grid = (triton.cdiv(n, bn), splits, triton.cdiv(m, bm))
     y = torch.empty(m, n, device=x.device, dtype=x.dtype)
     part = torch.empty(splits, m, n, device=x.device, dtype=torch.float32) if splits > 1 else y
-    locks = _locks(x.device, grid[0] * grid[2]) if splits > 1 else y
+    locks = arrival_counters(x.device, grid[0] * grid[2]) if splits > 1 else y
     _skinny_kernel[grid](x, w, bias if bias is not None else y, y, part, locks, m, n, k, k_span, x.stride(0),
                          w.stride(0), SPLITS=splits, HAS_BIAS=bias is not None, EVEN=even, BLOCK_M=bm,
                          BLOCK_N=bn, BLOCK_K=bk, **c)

@@ -1,18 +1,37 @@
 """Fused GPU sampling for the CUDA-graph decode step: one read of the logits, no [B, V] temporaries.
 
 Gumbel-max over softmax(logits / T): token = argmax(logits / T - log(-log u)), u uniform from Philox keyed by
-(a seed read from device memory, row * V + column), so a graph replay draws fresh numbers when the seed
-tensor is bumped inside the graph. T == 0 rows take the argmax of the logits and report the logprob under the
-T = 1 law (as `engine.cuda_graphs.sample`, the torch reference). Two launches: programs over (row, vocab
-chunk) keep an online max / sum-exp and the best race of their chunk; one program per row merges the chunks
-and computes the logprob. At [256, 151936] float32 logits it takes 0.25 ms on an H200 (Philox-bound), where the
-compiled torch version (softmax, race, argmax, gather in one Inductor reduction) took 3.1 ms and eager ~0.7 ms.
+a seed read from device memory (a graph replay draws fresh numbers when the seed tensor is bumped inside the
+graph), one Philox evaluation giving the uniforms of 4 columns of a row. T == 0 rows take the argmax of the
+logits and report the logprob under the T = 1 law (as `engine.cuda_graphs.sample`, the torch reference). Two
+launches: programs over (row, vocab chunk) keep an online max / sum-exp and the best race of their chunk; one
+program per row merges the chunks and computes the logprob. Logits may be bf16 (the LM head's own output: the
+float32 copy would hold the same values). At [256, 151936] float32 logits with one Philox evaluation per
+column it took 0.25 ms on an H200, where the compiled torch version (softmax, race, argmax, gather in one
+Inductor reduction) took 3.1 ms and eager ~0.7 ms.
 """
 from __future__ import annotations
 
 import torch
 import triton
 import triton.language as tl
+
+
+@triton.jit
+def _lanes(x_ptr, row, col, V, stride_x, inv_t, u, m, s, best, best_i, HOT: tl.constexpr):
+    """One BLOCK of columns into the per-lane state: online log-sum-exp (m, s) and the best race (HOT) or the
+    best logit (greedy; u unused)."""
+    ok = col < V
+    x = tl.load(x_ptr + row.to(tl.int64) * stride_x + col, mask=ok, other=float("-inf")).to(tl.float32) * inv_t
+    m_new = tl.maximum(m, x)
+    live = x > float("-inf")
+    s = s * tl.exp(tl.where(m_new > float("-inf"), m - m_new, 0.0)) + tl.where(live, tl.exp(x - m_new), 0.0)
+    if HOT:  # Philox's float can round to 1.0 (then -log(-log u) = +inf would pick a uniform token): cap it
+        race = tl.where(ok, x - tl.log(-tl.log(tl.minimum(u, 0.99999994))), float("-inf"))
+    else:
+        race = x
+    take = race > best  # strict: the first column wins ties within a lane
+    return m_new, s, tl.where(take, race, best), tl.where(take, col, best_i)
 
 
 @triton.jit
@@ -28,21 +47,21 @@ def _chunk_kernel(x_ptr, t_ptr, seed_ptr, m_ptr, s_ptr, r_ptr, i_ptr, V, stride_
     s = tl.zeros((BLOCK,), tl.float32)
     best = tl.full((BLOCK,), float("-inf"), tl.float32)
     best_i = tl.zeros((BLOCK,), tl.int32)
-    for start in range(chunk * CHUNK, chunk * CHUNK + CHUNK, BLOCK):
-        col = start + tl.arange(0, BLOCK)
-        ok = col < V
-        x = tl.load(x_ptr + row.to(tl.int64) * stride_x + col, mask=ok, other=float("-inf")).to(tl.float32) * inv_t
-        m_new = tl.maximum(m, x)  # per lane online log-sum-exp
-        live = x > float("-inf")
-        s = s * tl.exp(tl.where(m_new > float("-inf"), m - m_new, 0.0)) + tl.where(live, tl.exp(x - m_new), 0.0)
-        m = m_new
-        # Philox's float can round to 1.0 (then -log(-log u) = +inf would pick a uniform token): cap it
-        u = tl.minimum(tl.rand(seed, row.to(tl.int64) * V + col), 0.99999994)
-        race = tl.where(hot, x - tl.log(-tl.log(u)), x)
-        race = tl.where(ok, race, float("-inf"))
-        take = race > best  # strict: the first column wins ties within a lane
-        best = tl.where(take, race, best)
-        best_i = tl.where(take, col, best_i)
+    lane = tl.arange(0, BLOCK)
+    if hot:
+        for start in range(chunk * CHUNK, chunk * CHUNK + CHUNK, 4 * BLOCK):
+            # one Philox evaluation gives the uniforms of 4 columns; counters are unique per (row, column < V)
+            u0, u1, u2, u3 = tl.rand4x(seed, row.to(tl.int64) * tl.cdiv(V, 4 * BLOCK) * BLOCK + start // 4 + lane)
+            m, s, best, best_i = _lanes(x_ptr, row, start + lane, V, stride_x, inv_t, u0, m, s, best, best_i, True)
+            m, s, best, best_i = _lanes(x_ptr, row, start + BLOCK + lane, V, stride_x, inv_t, u1, m, s, best,
+                                        best_i, True)
+            m, s, best, best_i = _lanes(x_ptr, row, start + 2 * BLOCK + lane, V, stride_x, inv_t, u2, m, s, best,
+                                        best_i, True)
+            m, s, best, best_i = _lanes(x_ptr, row, start + 3 * BLOCK + lane, V, stride_x, inv_t, u3, m, s, best,
+                                        best_i, True)
+    else:  # greedy rows draw nothing
+        for start in range(chunk * CHUNK, chunk * CHUNK + CHUNK, BLOCK):
+            m, s, best, best_i = _lanes(x_ptr, row, start + lane, V, stride_x, inv_t, 0.0, m, s, best, best_i, False)
     mc = tl.max(m, 0)
     sc = tl.sum(s * tl.exp(tl.where(m > float("-inf"), m - mc, float("-inf"))), 0)
     bc = tl.max(best, 0)
@@ -91,7 +110,7 @@ def gumbel_sample(logits: torch.Tensor, temperature: torch.Tensor, seed: torch.T
         return tokens, logprobs
     # enough (row, chunk) programs for a few waves at small batches; whole rows per chunk stay >= 8 blocks
     nchunk = max(1, min(triton.cdiv(v, 8 * block), triton.cdiv(1024, b)))
-    chunk = triton.cdiv(triton.cdiv(v, nchunk), block) * block
+    chunk = triton.cdiv(triton.cdiv(v, nchunk), 4 * block) * 4 * block  # the kernel steps 4 blocks at a time
     nchunk = triton.cdiv(v, chunk)
     part = torch.empty(3, b * nchunk, dtype=torch.float32, device=dev)
     idx = torch.empty(b * nchunk, dtype=torch.int32, device=dev)

@@ -95,6 +95,36 @@ def test_store_kv_and_padding_rows():
             assert torch.equal(kc[s], k[row]) and torch.equal(vc[s], v[row])
 
 
+@pytest.mark.parametrize("splits", [1, 2, 16])
+def test_fused_kv_write_matches_store_then_attend(splits):
+    """decode_attention(new_kv=...) == store_kv + decode_attention: same cache contents, same output; padding
+    rows (slot -1) write nothing; the split-merge counters are left re-armed (all zero)."""
+    from engine.triton_attention import decode_attention, store_kv
+    from engine.triton_gemm import arrival_counters
+
+    gen = torch.Generator().manual_seed(splits)
+    hq, hkv, d, rows = 32, 8, 128, 6
+    kc = torch.randn(5000, hkv, d, generator=gen).to("cuda", torch.bfloat16)
+    vc = torch.randn(5000, hkv, d, generator=gen).to("cuda", torch.bfloat16)
+    lens = torch.tensor([300, 1, 0, 77, 1, 129], dtype=torch.int32)
+    slots = torch.tensor([4000, 4001, -1, 4002, -1, 4003], dtype=torch.int32)
+    table = torch.randint(0, 3900, (rows, 320), generator=gen, dtype=torch.int32)
+    for r in range(rows):
+        if lens[r] > 0 and slots[r] >= 0:
+            table[r, lens[r] - 1] = slots[r]
+    q, k, v = (torch.randn(rows, h, d, generator=gen).to("cuda", torch.bfloat16) for h in (hq, hkv, hkv))
+    table, lens, slots = table.cuda(), lens.cuda(), slots.cuda()
+    ref_k, ref_v = kc.clone(), vc.clone()
+    store_kv(k, v, ref_k, ref_v, slots)
+    ref = decode_attention(q, ref_k, ref_v, table=table, lens=lens, num_splits=splits)
+    out = decode_attention(q, kc, vc, table=table, lens=lens, new_kv=(k, v, slots), num_splits=splits)
+    assert torch.equal(kc, ref_k) and torch.equal(vc, ref_v)
+    real = torch.tensor([0, 1, 2, 3, 5])  # row 4: its new token (slot -1) is k[4], the unfused path reads table[4, 0]
+    assert rel_err(out[real], ref[real]) < 1e-2
+    assert not out.isnan().any()
+    assert int(arrival_counters(q.device, rows * hkv)[:rows * hkv].abs().sum()) == 0
+
+
 def test_backend_matches_torch_backend():
     """TritonPagedAttention == PagedAttention on a mixed forward: decodes, a forked pair, a small extend."""
     from engine.kv_store import KVStore

@@ -65,7 +65,8 @@ def test_decode_linear_op_fake_kernel_and_compile():
 
 @cuda
 @pytest.mark.parametrize("m", [1, 3, 16, 17, 64])
-@pytest.mark.parametrize("n,k,waves", [(2560, 4096, 2), (6144, 2560, 1), (1000, 1100, 8), (96, 4096, 64)])
+@pytest.mark.parametrize("n,k,waves", [(2560, 4096, 2), (6144, 2560, 1), (1000, 1100, 8), (96, 4096, 64),
+                                         (17000, 640, 2)])  # wide: the kernel up to 64 rows
 @pytest.mark.parametrize("bias", [False, True])
 def test_skinny_linear_matches_float32_reference(m, n, k, waves, bias):
     from engine.triton_gemm import _LOCKS, config, skinny_linear
