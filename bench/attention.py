@@ -6,7 +6,8 @@ configuration (splits, BLOCK_N, warps, stages), to choose the engine's defaults 
 Qwen3-4B attention shape (32 query heads, 8 KV heads, head_dim 128, bf16), one layer's cache of
 `--slots` token slots; every row reads its own `ctx` slots, scattered over the pool as in a live engine.
 GB/s = K and V bytes read ÷ kernel time (triton.testing.do_bench, L2 flushed between runs), side by side
-with a device-to-device copy of the same bytes in the same run (the hardware's practical limit).
+with a device-to-device copy of the same bytes in the same run (the hardware's practical limit). Each call also
+writes its rows' new k/v (`new_kv`), as the engine's decode step does.
 """
 from __future__ import annotations
 
@@ -56,15 +57,19 @@ def main() -> int:
         case = {"rows": rows, "ctx": ctx, "kv_bytes": nbytes, "copy_gbs": copy_gbs,
                 "default_splits": default_splits(rows, hkv, dev),
                 "configs": []}
-        ref = decode_attention(q, kc, vc, table=table, lens=lens)
+        # as in the engine's decode step: each row's last slot is its new token, written by the same launch
+        k_new, v_new = kc[table[:, -1].long()].clone(), vc[table[:, -1].long()].clone()
+        new_kv = lambda t: (k_new, v_new, t[:, -1].contiguous())  # noqa: E731
+        ref = decode_attention(q, kc, vc, table=table, lens=lens, new_kv=new_kv(table))
         for s, bn, w, st in itertools.product(*(map(int, x.split(",")) for x in (a.splits, a.block_n, a.warps, a.stages))):
-            fn = lambda: decode_attention(q, kc, vc, table=table, lens=lens, num_splits=s, block_n=bn,  # noqa: E731
-                                          num_warps=w, num_stages=st)
+            fn = lambda: decode_attention(q, kc, vc, table=table, lens=lens, new_kv=new_kv(table), num_splits=s,  # noqa: E731
+                                          block_n=bn, num_warps=w, num_stages=st)
             try:
                 err = (fn().float() - ref.float()).abs().max().item()
                 if a.graph:  # as in the engine: one CUDA graph, successive calls over different slots (layers)
-                    ms = graph_ms(lambda: [decode_attention(q, kc, vc, table=t, lens=lens, num_splits=s, block_n=bn,
-                                                            num_warps=w, num_stages=st) for t in tables]) / len(tables)
+                    ms = graph_ms(lambda: [decode_attention(q, kc, vc, table=t, lens=lens, new_kv=new_kv(t), num_splits=s,
+                                                            block_n=bn, num_warps=w, num_stages=st)
+                                           for t in tables]) / len(tables)
                 else:
                     ms = triton.testing.do_bench(fn)
             except Exception as e:  # out of shared memory for a tile shape: record it and go on

@@ -168,30 +168,29 @@ def _tiny(rows: int, num_kv_heads: int) -> bool:
 
 
 def default_block_n(rows: int, num_kv_heads: int) -> int:
-    """32-slot tiles for tiny batches, 128 from 128 rows of 8 KV heads on (at 256 rows x 256-384 slots: 71 vs
+    """32-slot tiles up to 16 rows of 8 KV heads, 128 from 128 rows on (at 256 rows x 256-384 slots: 71 vs
     74 us and 103 vs 107 us per layer against 64, H200 in a CUDA graph), 64 between (best at 64 rows)."""
-    if _tiny(rows, num_kv_heads):
-        return 32
-    return 128 if rows * num_kv_heads >= 1024 else 64
+    programs = rows * num_kv_heads
+    return 32 if programs < 256 else 128 if programs >= 1024 else 64
 
 
 def default_stages(rows: int, num_kv_heads: int) -> int:
-    """3-stage pipeline; 2 with 128-slot tiles (as fast on an H200, and two 64-KB K/V stages also fit an
-    A100's shared memory)."""
-    return 2 if default_block_n(rows, num_kv_heads) == 128 else 3
+    """A 3-stage pipeline for 64-slot tiles; 2 for 32 (5.7 vs 6.0 us per layer at 1 row) and 128 (as fast,
+    and two 64-KB K/V stages also fit an A100's shared memory)."""
+    return 3 if default_block_n(rows, num_kv_heads) == 64 else 2
 
 
 def default_splits(rows: int, num_kv_heads: int, device: torch.device) -> int:
-    """Enough programs to fill every SM once (at most 16 for tiny batches, 32 otherwise); depends only on the
-    batch shape (graph-safe). More splits cost a merge pass and partial-result traffic: on an H200 one split
-    beat 2-4 at 64 and 256 rows (bench/attention.py)."""
+    """Enough programs to fill every SM twice (at most 16 for tiny batches, 32 otherwise); depends only on the
+    batch shape (graph-safe). More splits cost partial-result traffic and the last split's merge: on an H200
+    (fused KV write and merge, CUDA graph) 4 splits of 32 slots were best at 16 rows, one split at 64 and 256."""
     max_splits = 16 if _tiny(rows, num_kv_heads) else 32
     if device.type != "cuda":  # the Triton interpreter (TRITON_INTERPRET=1) on CPU tensors
         return min(max_splits, 4)
     idx = device.index if device.index is not None else torch.cuda.current_device()
     if idx not in _NUM_SMS:
         _NUM_SMS[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
-    want = -(-_NUM_SMS[idx] // max(rows * num_kv_heads, 1))
+    want = -(-2 * _NUM_SMS[idx] // max(rows * num_kv_heads, 1))
     return max(1, min(max_splits, triton.next_power_of_2(want)))
 
 
