@@ -10,8 +10,8 @@ Inputs live in static device buffers that the caller fills in place:
     table      [table_rows, W] int32  context slots per table row, in order (shared trunk slots repeat per
                                       row); a replay first appends each row's new slot at table[rows, lens - 1]
     temperature [max_batch] f32       0 = greedy
-A replay leaves the sampled tokens in `tokens[:b]` and their logprobs in `logprobs[:b]`, on the device (and
-the logits, in the model's dtype, in `logits[b]`; float32 with `sample=False`): the
+A replay leaves the sampled tokens in `tokens[:b]` and their logprobs in `logprobs[:b]`, on the device (the
+logits in `logits[b]`: the model's dtype when a plain CausalLM samples in the graph, else float32): the
 decode loop feeds them back with device copies, so one step needs no host synchronisation at all; the
 engine syncs once per step when it reads the tokens for the NPR state machine. With `sample=False` the
 graphs stop at the logits for a sampler that lives outside (per-request seeds): `run_items` is the engine's
@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+
+from engine.model import CausalLM
 
 DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512)
 
@@ -73,12 +75,14 @@ def _(q, k, v, k_cache, v_cache, layer, slots, table, lens, rows):
     return torch.empty_like(q)
 
 
-def decode_step(model, ids, pos, k_cache, v_cache, slots, table, lens, rows):
-    """Logits (in the model's dtype) of one decode step over the slot table (the function that is compiled)."""
+def decode_step(model, ids, pos, k_cache, v_cache, slots, table, lens, rows, head_only: bool = False):
+    """Logits of one decode step over the slot table (the function that is compiled): `compute_logits`, or with
+    head_only the LM head's product in the model's dtype (the same values, not copied to float32)."""
     def attn(layer, q, k, v):
         return torch.ops.npr.slot_decode(q, k, v, k_cache, v_cache, layer, slots, table, lens, rows)
 
-    return model.head_logits(model(ids, pos, attn))
+    hidden = model(ids, pos, attn)
+    return model.head_logits(hidden) if head_only else model.compute_logits(hidden)
 
 
 _compiled: dict = {}
@@ -116,23 +120,24 @@ class DecodeGraphs:
         self.seed = torch.randint(1 << 62, (1,), device=dev)  # the fused sampler's Philox seed, bumped per replay
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.sample, self.logits = sample, {}  # bucket -> the graph's own logits output
+        # the in-graph sampler reads the LM head's bf16 output directly, unless the model's compute_logits is
+        # not the plain one (a wrapper or subclass that changes the logits, e.g. masks tokens)
+        self.head_only = sample and type(model).compute_logits is CausalLM.compute_logits
         self.reset_rows()
 
     def _step(self, b: int) -> None:
         meta = self.inputs[2:, :b].to(torch.int32)  # slots, lens, rows: int32 for the Triton kernels
         slots, lens, rows = meta.unbind(0)
         self.table[torch.where(slots >= 0, rows, self.scratch), (lens - 1).clamp_min(0)] = slots
-        logits = self.forward(self.model, self.ids[:b], self.pos[:b], self.k, self.v, slots, self.table, lens, rows)
-        if self.sample and logits.is_cuda:  # one fused read of the model-dtype logits (engine/triton_sampling.py)
+        logits = self.logits[b] = self.forward(self.model, self.ids[:b], self.pos[:b], self.k, self.v, slots,
+                                               self.table, lens, rows, self.head_only)
+        if self.sample and logits.is_cuda:  # one fused read of the logits (engine/triton_sampling.py)
             from engine.triton_sampling import gumbel_sample
 
-            self.logits[b] = logits  # float32 would be the same values, copied: nothing here needs it
             gumbel_sample(logits, self.temperature[:b], self.seed, self.tokens[:b], self.logprobs[:b])
             self.seed.add_(1)
-            return
-        logits = self.logits[b] = logits.float()
-        if self.sample:
-            tok, lp = sample(logits, self.temperature[:b])
+        elif self.sample:
+            tok, lp = sample(logits.float(), self.temperature[:b])
             self.tokens[:b].copy_(tok)
             self.logprobs[:b].copy_(lp)
 

@@ -251,3 +251,52 @@ def test_graph_host_path_on_cpu_matches_eager(tiny):
         assert np.array_equal(a.ids(), b.ids()) and a.finish_reason == b.finish_reason
         np.testing.assert_allclose(a.lps(), b.lps(), atol=1e-4, equal_nan=True)
     eng.kv.check([])
+
+
+@torch.inference_mode()
+def test_graph_sampling_on_cpu_reads_compute_logits_of_wrapped_models():
+    """DecodeGraphs(sample=True) off the GPU: greedy rows take the argmax of the step's logits with a float32
+    logprob, also when the graph keeps the LM head's bf16 output (plain CausalLM); a model whose
+    compute_logits differs (here: a wrapper banning that argmax token) is sampled from its own logits."""
+    from engine.cuda_graphs import DecodeGraphs
+    from engine.kv_store import KVStore
+    from engine.model import CausalLM, ModelArgs
+
+    cfg = dict(model_type="qwen3", vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+               num_attention_heads=4, num_key_value_heads=2, head_dim=8, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    model = CausalLM(ModelArgs.from_hf_config(cfg)).bfloat16().eval()
+
+    class Banned(torch.nn.Module):
+        def __init__(self, inner, token):
+            super().__init__()
+            self.inner, self.args, self.model, self.token = inner, inner.args, inner.model, token
+
+        def forward(self, *a):
+            return self.inner(*a)
+
+        def compute_logits(self, h):
+            x = self.inner.compute_logits(h)
+            x[:, self.token] = -1e4
+            return x
+
+    def step(m):
+        kv = KVStore(1, 64, 2, 8, dtype=torch.bfloat16, device="cpu")
+        kv.k.normal_(generator=torch.Generator().manual_seed(1))
+        kv.v.normal_(generator=torch.Generator().manual_seed(2))
+        g = DecodeGraphs(m, kv.k, kv.v, max_context=16, buckets=(2,))
+        g.capture()
+        g.table[:2, :5] = torch.arange(10, dtype=torch.int32).view(2, 5)
+        g.ids[:2], g.pos[:2], g.lens[:2] = torch.tensor([3, 4]), 4, 5
+        g.slots[:2] = g.table[:2, 4].long()
+        g.replay(2)
+        return g, g.logits[2].float()
+
+    g, logits = step(model)
+    assert g.head_only and g.logits[2].dtype == torch.bfloat16
+    assert torch.equal(g.tokens[:2], logits.argmax(-1))
+    torch.testing.assert_close(g.logprobs[:2], logits.log_softmax(-1).max(-1).values, rtol=0, atol=1e-6)
+    top = int(g.tokens[0])
+    g2, logits2 = step(Banned(model, top))
+    assert not g2.head_only and g2.logits[2].dtype == torch.float32
+    assert int(g2.tokens[0]) != top and torch.equal(g2.tokens[:2], logits2.argmax(-1))
