@@ -85,7 +85,6 @@ def main() -> int:
             case = {"product": name, "rows": m, "N": n, "K": k, "bytes": nbytes, "configs": []}
             case["cublas_ms"] = graph_ms(lambda: [F.linear(x, w) for w in ws]) / copies
             case["default_ms"] = graph_ms(lambda: [skinny_linear(x, w) for w in ws]) / copies
-            case["no_pdl_ms"] = graph_ms(lambda: [skinny_linear(x, w, pdl=False) for w in ws]) / copies
             err = (skinny_linear(x, ws[0]).float() - ref).abs().max().item()
             case["default_err"] = err
             for bn, bk, wv, st, wp, bm in grid:
@@ -109,8 +108,7 @@ def main() -> int:
             st["default_ms"] += times * case["default_ms"]
             st["best_ms"] += times * best["ms"]
             st["bytes"] += times * nbytes
-            print(f"{name:8s} M={m:4d} cuBLAS {case['cublas_ms'] * 1e3:.1f} us {case['cublas_frac']:.0%}  default "
-                  f"{case['default_ms'] * 1e3:.1f} us {case['default_frac']:.0%} (no PDL {case['no_pdl_ms'] * 1e3:.1f})  "
+            print(f"{name:8s} M={m:4d} cuBLAS {case['cublas_frac']:.0%}  default {case['default_frac']:.0%}  "
                   f"best {case['best_frac']:.0%} {({k: v for k, v in best.items() if k not in ('ms', 'err')})}",
                   flush=True)
             Path(a.out).write_text(json.dumps({**res, "steps": steps}, indent=1))

@@ -18,11 +18,6 @@ import torch
 import triton
 import triton.language as tl
 
-try:  # Triton >= 3.3: grid dependency control (programmatic dependent launch)
-    from triton.language.extra.cuda import gdc_wait
-except ImportError:  # pragma: no cover - older Triton: PDL stays off
-    gdc_wait = None
-
 # Row counts up to which engine/decode_linear.py uses this kernel: on an H200 it beat cuBLAS at 1 and 16 rows
 # on every product; at 64 rows only on the wide ones (gate/up 28.7 vs 31.3 us, LM head 191 vs 198 us; q/k/v,
 # o and down lose): bench/gemm.py, BENCHMARKS.md. Module-level so a benchmark can switch it per run
@@ -30,8 +25,6 @@ except ImportError:  # pragma: no cover - older Triton: PDL stays off
 DEFAULT_MAX_ROWS = 16
 MAX_ROWS = DEFAULT_MAX_ROWS
 WIDE_MAX_ROWS, WIDE_MIN_N = 64, 16384
-# Launch with programmatic dependent launch on sm90+ (see _skinny_kernel); False: plain stream order.
-PDL = gdc_wait is not None
 
 
 def takes(m: int, n: int) -> bool:
@@ -40,24 +33,8 @@ def takes(m: int, n: int) -> bool:
 
 
 @triton.jit
-def _w_tile(w_ptrs, rn, k, k_lo, N, K, k_span, EVEN: tl.constexpr, BLOCK_K: tl.constexpr):
-    if EVEN:  # N % BLOCK_N == 0 and every split a whole number of BLOCK_K: unmasked weight loads
-        return tl.load(w_ptrs)
-    kk = k + tl.arange(0, BLOCK_K)
-    return tl.load(w_ptrs, mask=(rn[:, None] < N) & ((k_lo + kk < K) & (kk < k_span))[None, :], other=0.0)
-
-
-@triton.jit
-def _x_tile(x_ptrs, rm, k, k_lo, M, K, k_span, EVEN: tl.constexpr, BLOCK_K: tl.constexpr):
-    if EVEN:
-        return tl.load(x_ptrs, mask=rm[:, None] < M, other=0.0)
-    kk = k + tl.arange(0, BLOCK_K)
-    return tl.load(x_ptrs, mask=(rm[:, None] < M) & ((k_lo + kk < K) & (kk < k_span))[None, :], other=0.0)
-
-
-@triton.jit
 def _skinny_kernel(x_ptr, w_ptr, b_ptr, y_ptr, part_ptr, lock_ptr, M, N, K, k_span, stride_xm, stride_wn,
-                   SPLITS: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN: tl.constexpr, PDL: tl.constexpr,
+                   SPLITS: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -69,20 +46,15 @@ def _skinny_kernel(x_ptr, w_ptr, b_ptr, y_ptr, part_ptr, lock_ptr, M, N, K, k_sp
     x_ptrs = x_ptr + rm[:, None] * stride_xm + (k_lo + rk)[None, :]
     w_ptrs = w_ptr + rn[:, None].to(tl.int64) * stride_wn + (k_lo + rk)[None, :]
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-    k0 = 0
-    if PDL:
-        # Programmatic dependent launch: this grid may start while the previous kernel is finishing. The
-        # weights do not depend on it, so the first weight tile is loaded before waiting for its writes (x),
-        # and nothing is read from x or written anywhere before the wait.
-        w = _w_tile(w_ptrs, rn, 0, k_lo, N, K, k_span, EVEN, BLOCK_K)
-        gdc_wait()
-        acc = tl.dot(_x_tile(x_ptrs, rm, 0, k_lo, M, K, k_span, EVEN, BLOCK_K), tl.trans(w), acc)
-        x_ptrs += BLOCK_K
-        w_ptrs += BLOCK_K
-        k0 = BLOCK_K
-    for k in range(k0, k_span, BLOCK_K):
-        w = _w_tile(w_ptrs, rn, k, k_lo, N, K, k_span, EVEN, BLOCK_K)
-        x = _x_tile(x_ptrs, rm, k, k_lo, M, K, k_span, EVEN, BLOCK_K)
+    for k in range(0, k_span, BLOCK_K):
+        if EVEN:  # N % BLOCK_N == 0 and every split a whole number of BLOCK_K: unmasked weight loads
+            w = tl.load(w_ptrs)
+            x = tl.load(x_ptrs, mask=rm[:, None] < M, other=0.0)
+        else:
+            kk = k_lo + k + rk
+            km = (kk < K) & (k + rk < k_span)
+            w = tl.load(w_ptrs, mask=(rn[:, None] < N) & km[None, :], other=0.0)
+            x = tl.load(x_ptrs, mask=(rm[:, None] < M) & km[None, :], other=0.0)
         acc = tl.dot(x, tl.trans(w), acc)
         x_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
@@ -126,18 +98,12 @@ def arrival_counters(device: torch.device, n: int) -> torch.Tensor:
 
 
 @functools.cache
-def _pdl_capable(device_index: int) -> bool:
-    return gdc_wait is not None and torch.cuda.get_device_capability(device_index) >= (9, 0)
-
-
-@functools.cache
 def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
 def config(m: int, n: int, k: int, sms: int, block_n: int | None = None, block_k: int | None = None,
-           waves: int = 2, num_warps: int = 4, num_stages: int | None = None, block_m: int | None = None,
-           pdl: bool | None = None) -> dict:
+           waves: int = 2, num_warps: int = 4, num_stages: int | None = None, block_m: int | None = None) -> dict:
     """Launch config of one product, from bench/gemm.py on an H200 (Qwen3-4B and 0.6B projections).
     block_m: rows padded to the tl.dot minimum of 16 (x is tiny: the padding costs no HBM traffic), at most 64
     (more rows are row blocks that re-read the weights, mostly from L2; bench/gemm.py sweeps larger blocks).
@@ -156,7 +122,7 @@ def config(m: int, n: int, k: int, sms: int, block_n: int | None = None, block_k
     while tiles * splits < waves * sms and k // (2 * splits * block_k) >= 2:
         splits *= 2
     return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, splits=splits, num_warps=num_warps,
-                num_stages=num_stages, pdl=PDL if pdl is None else pdl)
+                num_stages=num_stages)
 
 
 def skinny_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, **tune) -> torch.Tensor:
@@ -176,8 +142,7 @@ def skinny_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = 
     y = torch.empty(m, n, device=x.device, dtype=x.dtype)
     part = torch.empty(splits, m, n, device=x.device, dtype=torch.float32) if splits > 1 else y
     locks = arrival_counters(x.device, grid[0] * grid[2]) if splits > 1 else y
-    pdl = c.pop("pdl") and x.is_cuda and _pdl_capable(x.device.index or 0)
     _skinny_kernel[grid](x, w, bias if bias is not None else y, y, part, locks, m, n, k, k_span, x.stride(0),
-                         w.stride(0), SPLITS=splits, HAS_BIAS=bias is not None, EVEN=even, PDL=pdl, BLOCK_M=bm,
-                         BLOCK_N=bn, BLOCK_K=bk, **c, **({"launch_pdl": True} if pdl else {}))
+                         w.stride(0), SPLITS=splits, HAS_BIAS=bias is not None, EVEN=even, BLOCK_M=bm,
+                         BLOCK_N=bn, BLOCK_K=bk, **c)
     return y
