@@ -87,23 +87,30 @@ def test_skinny_linear_matches_float32_reference(m, n, k, waves, bias):
 
 @cuda
 def test_skinny_linear_in_a_cuda_graph():
+    """Replays read the x written just before them, also along a chain of dependent products."""
     from engine.triton_gemm import skinny_linear
 
     x = torch.randn(8, 4096, device="cuda").bfloat16()
     w = (torch.randn(2560, 4096, device="cuda") / 64).bfloat16()
+    w2 = (torch.randn(4096, 2560, device="cuda") / 50).bfloat16()
+    chain = lambda: skinny_linear(skinny_linear(x * 2, w), w2)  # noqa: E731
     y0 = skinny_linear(x, w)  # warm-up: compiles, sizes the lock buffer
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
         skinny_linear(x, w)
+        chain()
     torch.cuda.current_stream().wait_stream(s)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         y = skinny_linear(x, w)
+        z = chain()
     for _ in range(3):
         x.normal_()
         graph.replay()
         torch.testing.assert_close(y.float(), F.linear(x.float(), w.float()), rtol=1e-2, atol=2e-2)
+        ref = F.linear(F.linear((x * 2).float(), w.float()).bfloat16().float(), w2.float())
+        torch.testing.assert_close(z.float(), ref, rtol=2e-2, atol=5e-2)
     assert not torch.equal(y, y0)
 
 
