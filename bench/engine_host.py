@@ -149,7 +149,13 @@ def workload(tok, r: int, k: int, args):
               max_path_tokens=L + take + 8, max_step_tokens=L, max_plans=16)
     if not args.penalty:
         kw.update(repetition_penalty=1.0, branch_repetition_penalty=1.0)  # else the defaults (1.02 in steps)
-    return [ids] * r, SamplingParams(**kw)
+    if not args.desync:
+        return [ids] * r, SamplingParams(**kw)
+    # unsynchronised requests, as in a rollout: request i's steps run 0.5..1.5 x L tokens, so the joins (and
+    # their takeaway headers) land on different forwards
+    lens = [max(2, round(L * (0.5 + i / r))) for i in range(r)]
+    return [ids] * r, [SamplingParams(**{**kw, "max_step_tokens": n, "max_total_tokens": k * n + take,
+                                         "max_path_tokens": n + take + 8}) for n in lens]
 
 
 def run_case(model, tok, r, k, args, ph: Phases, profile: bool):
@@ -208,6 +214,10 @@ def main(argv=None) -> int:
     ap.add_argument("--top-p", type=float, default=1.0)
     ap.add_argument("--top-k", type=int, default=0)
     ap.add_argument("--penalty", type=int, default=1, help="1: default repetition penalties (1.02 in steps)")
+    ap.add_argument("--desync", type=int, default=0, help="1: step lengths 0.5..1.5 x --branch-len per request "
+                    "(joins on different forwards)")
+    ap.add_argument("--split-headers", type=int, default=-1, help="engine.llm.SPLIT_HEADERS for this run "
+                    "(-1: the engine's; 0: headers whole, which makes their forwards eager)")
     ap.add_argument("--slots", type=int, default=65536)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--device", default="cpu", help="cuda: Triton attention (+ CUDA graphs with --graphs 1)")
@@ -218,6 +228,8 @@ def main(argv=None) -> int:
     ap.add_argument("--top", type=int, default=25)
     ap.add_argument("--out", default=os.environ.get("OUT", ""))
     args = ap.parse_args(argv)
+    if args.split_headers >= 0:
+        llm_mod.SPLIT_HEADERS = args.split_headers
     torch.set_num_threads(args.threads)
     tok = load_tokenizer()
     out = []
@@ -230,7 +242,7 @@ def main(argv=None) -> int:
                 res = run_case(model, tok, r, k, args, ph, bool(args.profile))
                 out.append(res)
                 ms = " ".join(f"{n}={v:.2f}" for n, v in sorted(res["phase_ms_per_step"].items()))
-                print(f"V={vocab} {r}x{k}: {res['steps']} steps, {res['tokens']} tokens, "
+                print(f"V={vocab} {r}x{k}: {res['steps']} steps ({res['graphs']} in graphs), {res['tokens']} tokens, "
                       f"{res['ms_per_step']:.2f} ms/step ({res['ms_per_step_no_forward']:.2f} without forward) "
                       f"| {ms} | finish {res['finish']}", flush=True)
                 if "ops_per_step" in res:

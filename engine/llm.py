@@ -29,6 +29,10 @@ from npr_async.config import EngineConfig
 from npr_async.messages import Trajectory
 from npr_async.tags import JOIN_HEADER, TagIds, step_header
 
+# Forced headers (`\n<step>\nK:`, the takeaway's) are a few tokens; extends up to this long that are not prompt
+# chunks are fed one token per forward when CUDA graphs are on (Scheduler.split_headers).
+SPLIT_HEADERS = 16
+
 _tokens, _context_len = attrgetter("n"), attrgetter("length")  # of a scheduler Item, read per row in C
 
 
@@ -130,7 +134,10 @@ class LLM:
         if len(plist) != len(prompts) or (prompt_ids is not None and len(prompt_ids) != len(prompts)):
             raise ValueError(f"{len(prompts)} prompts, {len(plist)} params, "
                              f"{len(prompt_ids) if prompt_ids is not None else '-'} prompt ids")
-        sched = Scheduler(self.kv, self.config.max_batch_tokens)
+        # with graphs, forced headers go one token per forward unless a prompt makes the forward eager anyway:
+        # an eager forward of a real model costs several graph steps (BENCHMARKS.md), and unsynchronised
+        # requests would otherwise make every fork and join an eager forward for the whole batch
+        sched = Scheduler(self.kv, self.config.max_batch_tokens, SPLIT_HEADERS if self.use_graphs else 0)
         reqs = []
         for i, (prompt, p) in enumerate(zip(prompts, plist)):
             ids = self._ids(prompt, i)
@@ -148,8 +155,9 @@ class LLM:
         try:
             forwards = 0
             while not sched.done():
-                self._step(sched.schedule())
-                forwards += 1
+                items = sched.schedule()  # empty once the last requests finished
+                self._step(items)
+                forwards += bool(items)
             sched.retire()
         finally:
             self._busy = False
@@ -175,12 +183,14 @@ class LLM:
         if not items:
             return
         graphs = self._graphs_for(items)
-        if graphs is not None:  # decode-only step: one token per row, each a branch to sample for
+        todo = [it for it in items if it.sample is not None]
+        if graphs is not None:  # decode-only step: one token per row (header tokens among them sample nothing)
             logits = graphs.run_items(items, self.kv.slots)
             self._graph_steps += 1
+            if todo and len(todo) < len(items):
+                logits = logits[[i for i, it in enumerate(items) if it.sample is not None]]
         else:
             logits = self._forward(items)
-        todo = [it for it in items if it.sample is not None]
         if not todo:
             return
         tokens, logprobs = self.sampler(logits, todo)

@@ -35,8 +35,13 @@ class Item:
 
 
 class Scheduler:
-    def __init__(self, kv: KVStore, max_batch_tokens: int):
-        self.kv, self.max_batch_tokens = kv, max_batch_tokens
+    """split_headers > 0 (the engine with CUDA graphs): a forward whose only several-token items are forced
+    headers of at most that many tokens takes them one token per item instead (the header's branch then needs
+    a forward per header token), so that it stays a decode-only forward that a CUDA graph can run; a prompt
+    chunk (or a recompute) keeps the forward eager and takes its headers whole."""
+
+    def __init__(self, kv: KVStore, max_batch_tokens: int, split_headers: int = 0):
+        self.kv, self.max_batch_tokens, self.split_headers = kv, max_batch_tokens, split_headers
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.finished: list[Request] = []
@@ -129,11 +134,22 @@ class Scheduler:
                         budget -= 1
         if budget <= 0:
             return items, self.max_batch_tokens - budget
-        for req in self.running:  # then forced headers, `</step>`s and prompt chunks, in segment order
+        extends, left_budget = self._extends(dict(planned), budget, None)
+        if self.split_headers and any(it.n > 1 for it in extends) and all(
+                it.n <= self.split_headers and (it.seg or it.start >= it.req.prompt_len) for it in extends):
+            extends, left_budget = self._extends(planned, budget, 1)
+        return items + extends, self.max_batch_tokens - left_budget
+
+    def _extends(self, planned: dict[tuple[int, int], int], budget: int, cap: int | None
+                 ) -> tuple[list[Item], int]:
+        """Forced headers, `</step>`s and prompt chunks after the decodes, in segment order (at most `cap`
+        tokens each); returns them and the budget left."""
+        items = []
+        for req in self.running:
             for s, seg in enumerate(req.segs):
                 left = len(seg.tokens) - seg.cached
                 if left > 0 and (req.rid, s) not in planned and self._ready(req, s, planned):
-                    n = min(left, budget)
+                    n = min(left, budget, cap or left)
                     it = Item(req, s, seg.cached, n)
                     if seg.cached + n == len(seg.tokens):
                         it.sample = next((b for b in req.live() if b.seg == s), None)
@@ -141,10 +157,8 @@ class Scheduler:
                     planned[(req.rid, s)] = n
                     budget -= n
                     if budget <= 0:
-                        break
-            if budget <= 0:
-                break
-        return items, self.max_batch_tokens - budget
+                        return items, budget
+        return items, budget
 
     @staticmethod
     def _ready(req: Request, s: int, planned: dict[tuple[int, int], int]) -> bool:

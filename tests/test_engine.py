@@ -253,6 +253,35 @@ def test_graph_host_path_on_cpu_matches_eager(tiny):
     eng.kv.check([])
 
 
+@pytest.mark.parametrize("split", [0, 16])
+def test_graphs_take_forced_headers_one_token_per_forward(tiny, monkeypatch, split):
+    """Requests whose steps end on different forwards (joins, takeaway headers) with graphs on: forced headers
+    go one token per forward, so only the prefill runs eagerly (split 16, the engine's), where whole headers
+    make a forward eager per fork and join (split 0); the trajectories are the eager loop's either way."""
+    import engine.llm as llm_mod
+    from engine.cuda_graphs import DecodeGraphs
+
+    _, _, llm = tiny
+    prompts = [Q + guideline(n) for n in (1, 2, 3, 5)]  # each forks as soon as its prompt is in
+    plist = [params(seed=3, max_step_tokens=n, max_total_tokens=100, max_path_tokens=60) for n in (4, 7, 9, 13)]
+    monkeypatch.setattr(llm_mod, "SPLIT_HEADERS", split)
+    runs, stats = [], []
+    for graphs in (False, True):
+        eng = LLM(llm.model, llm.tokenizer, EngineConfig(kv_slots=2000, max_batch_tokens=512))
+        if graphs:
+            eng.use_graphs = True
+            eng.graphs = DecodeGraphs(eng.model, eng.kv.k, eng.kv.v, 2000, buckets=(1, 2, 4, 8, 16, 32), sample=False)
+            eng.graphs.capture()
+        runs.append(eng.generate(prompts, plist))
+        stats.append(eng.last_stats)
+    eager = stats[1]["forwards"] - stats[1]["graph_steps"]
+    assert eager == 1 if split else eager >= 3, stats  # split: the prefill only; else + the fork and joins
+    for a, b in zip(*runs):
+        assert np.array_equal(a.ids(), b.ids()) and a.finish_reason == b.finish_reason
+        assert a.num_forks >= 1
+        np.testing.assert_allclose(a.lps(), b.lps(), atol=1e-4, equal_nan=True)
+
+
 @torch.inference_mode()
 def test_graph_sampling_on_cpu_reads_compute_logits_of_wrapped_models():
     """DecodeGraphs(sample=True) off the GPU: greedy rows take the argmax of the step's logits with a float32
