@@ -235,7 +235,11 @@ class DecodeGraphs:
         step, row_of = self.step, self.row_of
         pr, pc, ps = [], [], []
         rows = []  # flat: (id, pos, slot, len, table row) per item
+        written = {it.kvs[-1] for it in items}
         for it in items:
+            if not written.isdisjoint(it.kvs[:-1]):  # the launch would read K/V it is writing (a scheduler bug)
+                raise RuntimeError(f"graph step: request {it.req.rid} segment {it.seg} sees a segment this step "
+                                   "extends; such items must wait for a later step (Scheduler.split_headers)")
             seg = it.req.segs[it.seg]
             kvs, start, length = it.kvs, it.start, it.length
             own = slots[kvs[-1]]

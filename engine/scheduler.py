@@ -3,8 +3,9 @@
 Each forward is a list of `Item`s: "extend logical segment s of request r by its next n uncached tokens".
 A decode is an item of one token (the branch's last sampled token); a forced header (`\\n<step>\\nK:`,
 `\\n<takeaway>\\n`) or a prompt chunk is an item of several; all of them share one forward, decodes first.
-An item may run once every segment it sees is cached or completed in the same forward (the attention
-backend writes all K/V of a layer before any query of that layer attends).
+An item may run once every segment it sees is cached or completed in the same forward (the eager attention
+backends write all K/V of a layer before any query of that layer attends); with `split_headers` (CUDA graphs,
+whose attention writes and reads in one launch) only once they are cached.
 
 When the pool is short the newest running request is preempted: its KV references are dropped and it goes
 back to the head of the queue with all its tokens, which are re-prefilled (recomputed) when it is admitted
@@ -148,7 +149,7 @@ class Scheduler:
         for req in self.running:
             for s, seg in enumerate(req.segs):
                 left = len(seg.tokens) - seg.cached
-                if left > 0 and (req.rid, s) not in planned and self._ready(req, s, planned):
+                if left > 0 and (req.rid, s) not in planned and self._ready(req, s, planned, self.split_headers):
                     n = min(left, budget, cap or left)
                     it = Item(req, s, seg.cached, n)
                     if seg.cached + n == len(seg.tokens):
@@ -161,10 +162,12 @@ class Scheduler:
         return items, budget
 
     @staticmethod
-    def _ready(req: Request, s: int, planned: dict[tuple[int, int], int]) -> bool:
-        """Every segment s sees but itself is cached or completed by the items planned so far."""
+    def _ready(req: Request, s: int, planned: dict[tuple[int, int], int], cached_only: bool = False) -> bool:
+        """Every segment s sees but itself is cached or completed by the items planned so far (cached_only:
+        cached before this forward, as a CUDA-graph step needs: its attention writes each row's new K/V in
+        the same launch that other rows read the cache, so no row may see another row's new token)."""
         for a in req._closure(s):
             seg = req.segs[a]
-            if a != s and seg.cached + planned.get((req.rid, a), 0) < len(seg.tokens):
+            if a != s and seg.cached + (0 if cached_only else planned.get((req.rid, a), 0)) < len(seg.tokens):
                 return False
         return True

@@ -282,7 +282,10 @@ class TritonPagedAttention(PagedAttention):
             new_slots.extend(ctx[len(ctx) - n:])
             rows.extend(ctx[:len(ctx) - n + j + 1] for j in range(n))
         self.rows_ctx = len(rows)
-        self.decode_only = all(n == 1 for _, n in seqs)  # each row's new token is its last entry: fused write
+        # the KV write fuses into the attention launch when each row's new token is its last entry and no row
+        # sees another row's new token (it would read the slot while that row's program writes it)
+        new = set(new_slots)
+        self.fused_write = all(n == 1 for _, n in seqs) and not any(s in new for ctx, _ in seqs for s in ctx[:-1])
         self.slot_mapping = torch.tensor(new_slots, dtype=torch.int32).to(dev)
         self.indptr, self.indices = csr(rows, dev)
 
@@ -291,7 +294,7 @@ class TritonPagedAttention(PagedAttention):
             return super().__call__(layer, q, k, v)
         kc, vc = self.kv.k[layer], self.kv.v[layer]
         k, v = k.to(kc.dtype), v.to(vc.dtype)
-        new_kv = (k, v, self.slot_mapping) if self.decode_only else None
+        new_kv = (k, v, self.slot_mapping) if self.fused_write else None
         if new_kv is None:  # an extend's later tokens read its earlier new tokens from the cache
             store_kv(k, v, kc, vc, self.slot_mapping)
         return decode_attention(q.to(kc.dtype), kc, vc, indptr=self.indptr, indices=self.indices,

@@ -266,6 +266,17 @@ def test_graphs_take_forced_headers_one_token_per_forward(tiny, monkeypatch, spl
     plist = [params(seed=3, max_step_tokens=n, max_total_tokens=100, max_path_tokens=60) for n in (4, 7, 9, 13)]
     monkeypatch.setattr(llm_mod, "SPLIT_HEADERS", split)
     runs, stats = [], []
+    run_items = DecodeGraphs.run_items
+
+    def checked(self, items, slots):
+        """The GPU graph step writes each row's new K/V in the launch that reads the cache: no item may see
+        another item's new token (the CPU stand-in writes first, so only this check would notice)."""
+        new = {slots[it.kvs[-1]][it.start] for it in items}
+        for it in items:
+            assert not new & set(it.context(eng.kv)[:-1]), (it.req.rid, it.seg)
+        return run_items(self, items, slots)
+
+    monkeypatch.setattr(DecodeGraphs, "run_items", checked)
     for graphs in (False, True):
         eng = LLM(llm.model, llm.tokenizer, EngineConfig(kv_slots=2000, max_batch_tokens=512))
         if graphs:
@@ -280,6 +291,25 @@ def test_graphs_take_forced_headers_one_token_per_forward(tiny, monkeypatch, spl
         assert np.array_equal(a.ids(), b.ids()) and a.finish_reason == b.finish_reason
         assert a.num_forks >= 1
         np.testing.assert_allclose(a.lps(), b.lps(), atol=1e-4, equal_nan=True)
+
+
+def test_graph_step_refuses_items_that_see_a_segment_it_extends(tiny, monkeypatch):
+    """If a scheduler let a fork's first header token share a graph step with its trunk's last token, the GPU
+    launch would read K/V while writing them: the graph step raises instead of decoding garbage."""
+    from engine.cuda_graphs import DecodeGraphs
+    from engine.scheduler import Scheduler
+
+    _, _, llm = tiny
+    ready = Scheduler._ready
+    monkeypatch.setattr(Scheduler, "_ready", staticmethod(lambda req, s, planned, cached_only=False:
+                                                          ready(req, s, planned)))  # the old, eager-only rule
+    eng = LLM(llm.model, llm.tokenizer, EngineConfig(kv_slots=2000, max_batch_tokens=512))
+    eng.use_graphs = True
+    eng.graphs = DecodeGraphs(eng.model, eng.kv.k, eng.kv.v, 2000, buckets=(1, 2, 4, 8, 16, 32), sample=False)
+    eng.graphs.capture()
+    plist = [params(seed=3, max_step_tokens=n, max_total_tokens=100, max_path_tokens=60) for n in (4, 7, 9, 13)]
+    with pytest.raises(RuntimeError, match="sees a segment this step extends"):
+        eng.generate([Q + guideline(n) for n in (1, 2, 3, 5)], plist)
 
 
 @torch.inference_mode()
