@@ -212,7 +212,8 @@ class LLM:
             seqs.append((it.context(self.kv), it.n))
             if it.sample is not None:
                 rows.append(len(ids) - 1)
-        self.attn.prepare(seqs)
+        written = {it.kvs[-1] for it in items}  # can an item see a segment this forward extends?
+        self.attn.prepare(seqs, independent=all(written.isdisjoint(it.kvs[:-1]) for it in items))
         x = torch.from_numpy(np.array([ids, pos], dtype=np.int64)).to(self.device, non_blocking=True)
         hidden = self.model(x[0], x[1], self.attn)
         if not rows:

@@ -21,9 +21,10 @@ class PagedAttention:
     def __init__(self, kv: KVStore):
         self.kv = kv
 
-    def prepare(self, seqs: list[tuple[list[int], int]]) -> None:
+    def prepare(self, seqs: list[tuple[list[int], int]], independent: bool = False) -> None:
         """seqs: per sequence (context slots, n_new); its n_new tokens are the tail of the context and appear
-        in the forward's flat token order in the order given here."""
+        in the forward's flat token order in the order given here. independent: no sequence's context holds
+        another's new tokens (a backend may then write the K/V in its attention launch; unused here)."""
         dev = self.kv.k.device
         new_slots, self.decode_rows, self.extends = [], [], []
         dec_ctx, row = [], 0

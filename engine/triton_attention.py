@@ -272,7 +272,7 @@ class TritonPagedAttention(PagedAttention):
         super().__init__(kv)
         self.max_extend, self.num_splits = max_extend, num_splits
 
-    def prepare(self, seqs: list[tuple[list[int], int]]) -> None:
+    def prepare(self, seqs: list[tuple[list[int], int]], independent: bool = False) -> None:
         if any(n > self.max_extend for _, n in seqs):
             self.rows_ctx = None
             return super().prepare(seqs)
@@ -284,8 +284,7 @@ class TritonPagedAttention(PagedAttention):
         self.rows_ctx = len(rows)
         # the KV write fuses into the attention launch when each row's new token is its last entry and no row
         # sees another row's new token (it would read the slot while that row's program writes it)
-        new = set(new_slots)
-        self.fused_write = all(n == 1 for _, n in seqs) and not any(s in new for ctx, _ in seqs for s in ctx[:-1])
+        self.fused_write = independent and all(n == 1 for _, n in seqs)
         self.slot_mapping = torch.tensor(new_slots, dtype=torch.int32).to(dev)
         self.indptr, self.indices = csr(rows, dev)
 
