@@ -58,14 +58,21 @@ def slot_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torc
 
 
 def _torch_slot_decode(q, k, v, kc, vc, slots, table, lens, rows):
-    ok = slots >= 0
-    kc[slots[ok].long()], vc[slots[ok].long()] = k[ok].to(kc.dtype), v[ok].to(vc.dtype)
+    """The GPU kernel's contract on the CPU: each row reads the cache as it was before this step, but for its
+    own new token (its last entry), taken from k / v; the new K/V are written after. A row that saw another
+    row's new slot would read a stale value here too, so CPU tests of the graph path catch it."""
     w = max(int(lens.max()), 1)
     col = torch.arange(w, device=q.device)
     mask = (col < lens[:, None]) | ((lens == 0)[:, None] & (col == 0))  # an empty row reads one slot, unused
     idx = table[rows.long(), :w].long()
+    kk, vv = kc[idx], vc[idx]  # [B, w, Hkv, D] copies, gathered before the write
+    last = (lens - 1).clamp_min(0).long()
+    b = torch.arange(q.shape[0], device=q.device)
+    kk[b, last], vv[b, last] = k.to(kc.dtype), v.to(vc.dtype)
+    ok = slots >= 0
+    kc[slots[ok].long()], vc[slots[ok].long()] = k[ok].to(kc.dtype), v[ok].to(vc.dtype)
     group = q.shape[1] // k.shape[1]
-    kk, vv = (x[idx].transpose(1, 2).repeat_interleave(group, 1).to(q.dtype) for x in (kc, vc))  # [B, Hq, w, D]
+    kk, vv = (x.transpose(1, 2).repeat_interleave(group, 1).to(q.dtype) for x in (kk, vv))  # [B, Hq, w, D]
     o = torch.nn.functional.scaled_dot_product_attention(q[:, :, None], kk, vv, attn_mask=mask[:, None, None])
     return o[:, :, 0]
 
