@@ -62,16 +62,15 @@ def main() -> int:
         new_kv = lambda t: (k_new, v_new, t[:, -1].contiguous())  # noqa: E731
         ref = decode_attention(q, kc, vc, table=table, lens=lens, new_kv=new_kv(table))
         for s, bn, w, st in itertools.product(*(map(int, x.split(",")) for x in (a.splits, a.block_n, a.warps, a.stages))):
-            fn = lambda: decode_attention(q, kc, vc, table=table, lens=lens, new_kv=new_kv(table), num_splits=s,  # noqa: E731
-                                          block_n=bn, num_warps=w, num_stages=st)
+            def call(t, s=s, bn=bn, w=w, st=st):
+                return decode_attention(q, kc, vc, table=t, lens=lens, new_kv=new_kv(t), num_splits=s, block_n=bn,
+                                        num_warps=w, num_stages=st)
             try:
-                err = (fn().float() - ref.float()).abs().max().item()
+                err = (call(table).float() - ref.float()).abs().max().item()
                 if a.graph:  # as in the engine: one CUDA graph, successive calls over different slots (layers)
-                    ms = graph_ms(lambda: [decode_attention(q, kc, vc, table=t, lens=lens, new_kv=new_kv(t), num_splits=s,
-                                                            block_n=bn, num_warps=w, num_stages=st)
-                                           for t in tables]) / len(tables)
+                    ms = graph_ms(lambda: [call(t) for t in tables]) / len(tables)
                 else:
-                    ms = triton.testing.do_bench(fn)
+                    ms = triton.testing.do_bench(lambda: call(table))
             except Exception as e:  # out of shared memory for a tile shape: record it and go on
                 case["configs"].append({"splits": s, "block_n": bn, "warps": w, "stages": st, "error": str(e)[:120]})
                 continue

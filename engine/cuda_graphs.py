@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from engine.model import CausalLM
+from engine.scheduler import independent
 
 DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512)
 
@@ -242,11 +243,10 @@ class DecodeGraphs:
         step, row_of = self.step, self.row_of
         pr, pc, ps = [], [], []
         rows = []  # flat: (id, pos, slot, len, table row) per item
-        written = {it.kvs[-1] for it in items}
+        if not independent(items):  # the launch would read K/V it is writing (a scheduler bug)
+            raise RuntimeError("graph step: an item sees a segment this step extends; such items must wait for a "
+                               "later step (Scheduler.split_headers)")
         for it in items:
-            if not written.isdisjoint(it.kvs[:-1]):  # the launch would read K/V it is writing (a scheduler bug)
-                raise RuntimeError(f"graph step: request {it.req.rid} segment {it.seg} sees a segment this step "
-                                   "extends; such items must wait for a later step (Scheduler.split_headers)")
             seg = it.req.segs[it.seg]
             kvs, start, length = it.kvs, it.start, it.length
             own = slots[kvs[-1]]

@@ -2,9 +2,10 @@
 
 Decode batches of few rows (`triton_gemm.takes`: up to 16, or 64 on wide products) on an Ampere-or-newer GPU
 go to the Triton skinny GEMM (weight streaming: engine/triton_gemm.py); everything else (prefill, big batches,
-CPU, float32, older GPUs) to F.linear. The choice is made inside an opaque custom op from the concrete row count, so one dynamic-shape
-torch.compile of the decode step serves every CUDA-graph bucket, and `triton_gemm.MAX_ROWS = 0` switches a
-process back to cuBLAS without recompiling (bench/engine.py compares both in one run).
+CPU, float32, older GPUs) to F.linear. The choice is made inside an opaque custom op from the concrete row
+count, so one dynamic-shape torch.compile of the decode step serves every CUDA-graph bucket, and
+`triton_gemm.MAX_ROWS = 0` switches a process back to cuBLAS without recompiling (bench/engine.py compares
+both in one run).
 """
 from __future__ import annotations
 

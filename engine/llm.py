@@ -24,7 +24,7 @@ from engine.kv_store import KVStore
 from engine.npr_state import Limits, Request
 from engine.paged_attention import PagedAttention
 from engine.sampler import BatchSampler, SamplingParams
-from engine.scheduler import Scheduler
+from engine.scheduler import Scheduler, independent
 from npr_async.config import EngineConfig
 from npr_async.messages import Trajectory
 from npr_async.tags import JOIN_HEADER, TagIds, step_header
@@ -183,12 +183,13 @@ class LLM:
         if not items:
             return
         graphs = self._graphs_for(items)
-        todo = [it for it in items if it.sample is not None]
+        sampling = [i for i, it in enumerate(items) if it.sample is not None]
+        todo = [items[i] for i in sampling]
         if graphs is not None:  # decode-only step: one token per row (header tokens among them sample nothing)
             logits = graphs.run_items(items, self.kv.slots)
             self._graph_steps += 1
             if todo and len(todo) < len(items):
-                logits = logits[[i for i, it in enumerate(items) if it.sample is not None]]
+                logits = logits[sampling]
         else:
             logits = self._forward(items)
         if not todo:
@@ -212,8 +213,7 @@ class LLM:
             seqs.append((it.context(self.kv), it.n))
             if it.sample is not None:
                 rows.append(len(ids) - 1)
-        written = {it.kvs[-1] for it in items}  # can an item see a segment this forward extends?
-        self.attn.prepare(seqs, independent=all(written.isdisjoint(it.kvs[:-1]) for it in items))
+        self.attn.prepare(seqs, independent=independent(items))
         x = torch.from_numpy(np.array([ids, pos], dtype=np.int64)).to(self.device, non_blocking=True)
         hidden = self.model(x[0], x[1], self.attn)
         if not rows:

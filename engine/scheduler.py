@@ -35,6 +35,13 @@ class Item:
         return kv.context_slots(self.kvs[:-1]) + kv.slots[self.kvs[-1]][:self.start + self.n]
 
 
+def independent(items: list[Item]) -> bool:
+    """No item sees a segment that this forward extends (items of one forward, their `kvs` assigned): then an
+    attention launch may write the forward's K/V while it reads the cache (the fused KV write)."""
+    written = {it.kvs[-1] for it in items}
+    return all(written.isdisjoint(it.kvs[:-1]) for it in items)
+
+
 class Scheduler:
     """split_headers > 0 (the engine with CUDA graphs): a forward whose only several-token items are forced
     headers of at most that many tokens takes them one token per item instead (the header's branch then needs
@@ -135,7 +142,7 @@ class Scheduler:
                         budget -= 1
         if budget <= 0:
             return items, self.max_batch_tokens - budget
-        extends, left_budget = self._extends(dict(planned), budget, None)
+        extends, left_budget = self._extends(dict(planned) if self.split_headers else planned, budget, None)
         if self.split_headers and any(it.n > 1 for it in extends) and all(
                 it.n <= self.split_headers and (it.seg or it.start >= it.req.prompt_len) for it in extends):
             extends, left_budget = self._extends(planned, budget, 1)
