@@ -64,11 +64,13 @@ def main() -> int:
     ap.add_argument("--stages", default="3,4,5")
     ap.add_argument("--warps", default="4")
     ap.add_argument("--block-m", default="0", help="row blocks to sweep (0: the engine's choice for the rows)")
+    ap.add_argument("--splits", default="0", help="K splits to sweep, any count (0: the engine's rule from --waves)")
     ap.add_argument("--out", required=True)
     a = ap.parse_args()
     dev, dtype = torch.device("cuda"), torch.bfloat16
     ints = lambda s: [int(v) for v in s.split(",") if v]  # noqa: E731
-    grid = list(itertools.product(*(ints(v) for v in (a.block_n, a.block_k, a.waves, a.stages, a.warps, a.block_m))))
+    grid = list(itertools.product(*(ints(v) for v in (a.block_n, a.block_k, a.waves, a.stages, a.warps, a.block_m,
+                                                                    a.splits))))
     res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "shape": a.shape,
            "copy_bw": copy_bandwidth(), "cases": []}
     print(f"{res['device']} copy {res['copy_bw'] / 1e12:.2f} TB/s, {len(grid)} configs", flush=True)
@@ -87,8 +89,9 @@ def main() -> int:
             case["default_ms"] = graph_ms(lambda: [skinny_linear(x, w) for w in ws]) / copies
             err = (skinny_linear(x, ws[0]).float() - ref).abs().max().item()
             case["default_err"] = err
-            for bn, bk, wv, st, wp, bm in grid:
-                tune = dict(block_n=bn, block_k=bk, waves=wv, num_stages=st, num_warps=wp, block_m=bm or None)
+            for bn, bk, wv, st, wp, bm, sp in grid:
+                tune = dict(block_n=bn, block_k=bk, waves=wv, num_stages=st, num_warps=wp, block_m=bm or None,
+                            splits=sp or None)
                 try:
                     e = (skinny_linear(x, ws[0], **tune).float() - ref).abs().max().item()
                     ms = graph_ms(lambda: [skinny_linear(x, w, **tune) for w in ws]) / copies

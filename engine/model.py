@@ -18,6 +18,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from engine import fusion
+from engine.qk_rope import norm_rope
 from engine.rope import Rotary, apply_rope
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3")
@@ -130,13 +131,13 @@ class Attention(nn.Module):
                 q, k = self.q_norm(q), self.k_norm(k)
             return apply_rope(q, *rope), apply_rope(k, *rope), v
         # fused (engine/fusion.py): column slices of one output (views), and the q and k heads normed and
-        # rotated as one tensor, which compiles to one kernel instead of two
+        # rotated together by one kernel (engine/qk_rope.py)
         qk, v = self.qkv_proj(x).split([(self.hq + self.hkv) * self.dh, self.hkv * self.dh], -1)
         qk, v = qk.view(t, self.hq + self.hkv, self.dh), v.view(t, self.hkv, self.dh)
-        if hasattr(self, "q_norm"):
-            w = torch.cat([self.q_norm.weight.expand(self.hq, -1), self.k_norm.weight.expand(self.hkv, -1)])
-            qk = rms_norm(qk, w, self.q_norm.eps)
-        q, k = apply_rope(qk, *rope).split([self.hq, self.hkv], 1)
+        norm = hasattr(self, "q_norm")
+        qk = norm_rope(qk, self.q_norm.weight if norm else None, self.k_norm.weight if norm else None, self.hq,
+                       self.q_norm.eps if norm else 0.0, *rope)
+        q, k = qk.split([self.hq, self.hkv], 1)
         return q, k, v
 
 

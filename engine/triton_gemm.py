@@ -33,26 +33,27 @@ def takes(m: int, n: int) -> bool:
 
 
 @triton.jit
-def _skinny_kernel(x_ptr, w_ptr, b_ptr, y_ptr, part_ptr, lock_ptr, M, N, K, k_span, stride_xm, stride_wn,
-                   SPLITS: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN: tl.constexpr,
+def _skinny_kernel(x_ptr, w_ptr, b_ptr, y_ptr, part_ptr, lock_ptr, M, N, K, k_span, splits, stride_xm, stride_wn,
+                   SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    pid_m = tl.program_id(2)
+    # row blocks vary fastest: the programs of one weight tile run side by side and share it through L2
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
-    k_lo = pid_k * k_span
+    k_lo = pid_k * k_span  # a whole number of BLOCK_K; the last split may be shorter
+    k_hi = tl.minimum(k_lo + k_span, K)
     x_ptrs = x_ptr + rm[:, None] * stride_xm + (k_lo + rk)[None, :]
     w_ptrs = w_ptr + rn[:, None].to(tl.int64) * stride_wn + (k_lo + rk)[None, :]
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-    for k in range(0, k_span, BLOCK_K):
-        if EVEN:  # N % BLOCK_N == 0 and every split a whole number of BLOCK_K: unmasked weight loads
+    for k in range(k_lo, k_hi, BLOCK_K):
+        if EVEN:  # N % BLOCK_N == 0 and K % BLOCK_K == 0: unmasked weight loads
             w = tl.load(w_ptrs)
             x = tl.load(x_ptrs, mask=rm[:, None] < M, other=0.0)
         else:
-            kk = k_lo + k + rk
-            km = (kk < K) & (k + rk < k_span)
+            km = k + rk < K
             w = tl.load(w_ptrs, mask=(rn[:, None] < N) & km[None, :], other=0.0)
             x = tl.load(x_ptrs, mask=(rm[:, None] < M) & km[None, :], other=0.0)
         acc = tl.dot(x, tl.trans(w), acc)
@@ -60,17 +61,17 @@ def _skinny_kernel(x_ptr, w_ptr, b_ptr, y_ptr, part_ptr, lock_ptr, M, N, K, k_sp
         w_ptrs += BLOCK_K
     mask = (rm[:, None] < M) & (rn[None, :] < N)
     tile = rm[:, None] * N + rn[None, :]
-    if SPLITS > 1:
+    if SPLIT:
         # Split-K without a second launch: every split stores its fp32 partial, then counts itself in on the
-        # tile's lock (release after a CTA barrier, so the whole partial is visible); the last one to arrive
-        # sums all partials in split order (deterministic), writes y and re-arms the lock for the next call.
+        # tile's counter (release after a CTA barrier, so the whole partial is visible); the last one to arrive
+        # sums all partials in split order (deterministic), writes y and re-arms the counter for the next call.
         tl.store(part_ptr + pid_k * M * N + tile, acc, mask=mask)
         tl.debug_barrier()
-        lock = lock_ptr + pid_m * tl.num_programs(0) + pid_n
-        last = tl.atomic_add(lock, 1, sem="acq_rel") == SPLITS - 1
+        lock = lock_ptr + pid_m * tl.num_programs(1) + pid_n
+        last = tl.atomic_add(lock, 1, sem="acq_rel") == splits - 1
         mask = mask & last  # the other splits are done: every load and store below is masked off for them
         acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-        for s in tl.static_range(SPLITS):
+        for s in range(splits):
             acc += tl.load(part_ptr + s * M * N + tile, mask=mask, other=0.0, cache_modifier=".cg")
         tl.atomic_xchg(lock, 0, mask=last)
     if HAS_BIAS:
@@ -103,14 +104,16 @@ def _sm_count(device_index: int) -> int:
 
 
 def config(m: int, n: int, k: int, sms: int, block_n: int | None = None, block_k: int | None = None,
-           waves: int = 2, num_warps: int = 4, num_stages: int | None = None, block_m: int | None = None) -> dict:
+           waves: int = 2, num_warps: int = 4, num_stages: int | None = None, block_m: int | None = None,
+           splits: int | None = None) -> dict:
     """Launch config of one product, from bench/gemm.py on an H200 (Qwen3-4B and 0.6B projections).
     block_m: rows padded to the tl.dot minimum of 16 (x is tiny: the padding costs no HBM traffic), at most 64
     (more rows are row blocks that re-read the weights, mostly from L2; bench/gemm.py sweeps larger blocks).
     block_n x block_k: 64 x 128 for a single row (fewer, longer-lived programs), 32 x 128 up to 16 rows; above
     (wide products only, `takes`) 64 x 64 with 4 stages, and 128 x 64 with 3 for the LM head.
-    splits: the fewest (a power of two) that give `waves` tiles per SM, keeping at least two BLOCK_K steps per
-    split for the pipeline to overlap."""
+    splits (K splits per tile, any count; each a whole number of BLOCK_K steps): the fewest powers of two that give
+    `waves` tiles per SM, keeping at least two BLOCK_K steps per split for the pipeline to overlap; an
+    explicit `splits` overrides (bench/gemm.py sweeps it). Returned as the count of non-empty splits."""
     block_m = block_m or (16 if m <= 16 else 32 if m <= 32 else 64)
     if m <= 16:
         block_n, block_k, num_stages = block_n or (64 if m == 1 else 32), block_k or 128, num_stages or 3
@@ -118,11 +121,18 @@ def config(m: int, n: int, k: int, sms: int, block_n: int | None = None, block_k
         head = n >= 65536
         block_n, block_k, num_stages = block_n or (128 if head else 64), block_k or 64, num_stages or (3 if head else 4)
     tiles = triton.cdiv(n, block_n) * triton.cdiv(m, block_m)
-    splits = 1
-    while tiles * splits < waves * sms and k // (2 * splits * block_k) >= 2:
-        splits *= 2
+    if not splits:
+        splits = 1
+        while tiles * splits < waves * sms and k // (2 * splits * block_k) >= 2:
+            splits *= 2
+    splits = triton.cdiv(k, split_span(k, splits, block_k))
     return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, splits=splits, num_warps=num_warps,
                 num_stages=num_stages)
+
+
+def split_span(k: int, splits: int, block_k: int) -> int:
+    """K elements per split: a whole number of BLOCK_K steps, the last split taking the rest."""
+    return triton.cdiv(triton.cdiv(k, splits), block_k) * block_k
 
 
 def skinny_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, **tune) -> torch.Tensor:
@@ -136,13 +146,13 @@ def skinny_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = 
         x = x.contiguous()
     c = config(m, n, k, _sm_count(x.device.index or 0), **tune)
     bm, bn, bk, splits = c.pop("BLOCK_M"), c.pop("BLOCK_N"), c.pop("BLOCK_K"), c.pop("splits")
-    k_span = triton.cdiv(triton.cdiv(k, splits), bk) * bk
-    even = n % bn == 0 and k % (splits * bk) == 0
-    grid = (triton.cdiv(n, bn), splits, triton.cdiv(m, bm))
+    k_span = split_span(k, splits, bk)
+    even = n % bn == 0 and k % bk == 0
+    grid = (triton.cdiv(m, bm), triton.cdiv(n, bn), splits)
     y = torch.empty(m, n, device=x.device, dtype=x.dtype)
     part = torch.empty(splits, m, n, device=x.device, dtype=torch.float32) if splits > 1 else y
-    locks = arrival_counters(x.device, grid[0] * grid[2]) if splits > 1 else y
-    _skinny_kernel[grid](x, w, bias if bias is not None else y, y, part, locks, m, n, k, k_span, x.stride(0),
-                         w.stride(0), SPLITS=splits, HAS_BIAS=bias is not None, EVEN=even, BLOCK_M=bm,
+    locks = arrival_counters(x.device, grid[0] * grid[1]) if splits > 1 else y
+    _skinny_kernel[grid](x, w, bias if bias is not None else y, y, part, locks, m, n, k, k_span, splits,
+                         x.stride(0), w.stride(0), SPLIT=splits > 1, HAS_BIAS=bias is not None, EVEN=even, BLOCK_M=bm,
                          BLOCK_N=bn, BLOCK_K=bk, **c)
     return y

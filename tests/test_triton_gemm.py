@@ -86,6 +86,24 @@ def test_skinny_linear_matches_float32_reference(m, n, k, waves, bias):
 
 
 @cuda
+@pytest.mark.parametrize("m,n,k,splits", [(1, 2560, 4096, 3), (16, 2560, 9728, 5), (64, 6144, 2560, 7),
+                                           (40, 1000, 1100, 6), (256, 2560, 4096, 3)])
+def test_skinny_linear_any_split_count(m, n, k, splits):
+    """Split counts that are not powers of two: every split a whole number of K blocks, the last one shorter
+    (K ragged too); the sum is still deterministic and the counters re-armed."""
+    from engine.triton_gemm import _LOCKS, skinny_linear
+
+    g = torch.Generator(device="cuda").manual_seed(k + splits)
+    x = torch.randn(m, k, device="cuda", generator=g).bfloat16()
+    w = (torch.randn(n, k, device="cuda", generator=g) / k ** 0.5).bfloat16()
+    tune = dict(splits=splits, block_m=128 if m > 64 else None)
+    y = skinny_linear(x, w, **tune)
+    torch.testing.assert_close(y.float(), F.linear(x.float(), w.float()), rtol=1e-2, atol=2e-2)
+    assert torch.equal(skinny_linear(x, w, **tune), y)
+    assert int(_LOCKS[x.device].abs().sum()) == 0
+
+
+@cuda
 def test_skinny_linear_in_a_cuda_graph():
     """Replays read the x written just before them, also along a chain of dependent products."""
     from engine.triton_gemm import skinny_linear
