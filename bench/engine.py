@@ -31,7 +31,6 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from engine import l2_prefetch  # noqa: E402
 from engine.cuda_graphs import DecodeGraphs, sample  # noqa: E402
 from engine.model import CausalLM, ModelArgs  # noqa: E402
 from engine.triton_attention import store_kv  # noqa: E402
@@ -138,19 +137,16 @@ def bench_ours(model, args, res):
     res["kv_capacity_tokens"] = slots
     res["kv_pool_gib"] = round(2 * k_cache.numel() * 2 / 2**30, 2)
     rows = sorted(set(batches + ks + [r * k for r, k in llm_cases(args)]))
-    prefetches = [int(x) for x in args.prefetch_mb.split(",") if x]
-    variants = [(gemm, pf, gemm + (f"+prefetch{pf}MB" if len(prefetches) > 1 else ""))
-                for gemm in args.gemm.split(",") if gemm for pf in prefetches]
+    gemms = [x for x in args.gemm.split(",") if x]
     res["compiled_decode"] = bool(args.compile)
     res["decode_by_gemm"] = {}
-    for gemm, pf, tag in reversed(variants):  # the first (the run's default) last, so its graphs serve the rest
+    for gemm in reversed(gemms):  # the first (the run's default) last, so its graphs serve the rest
         set_gemm(model, gemm)
-        l2_prefetch.BUDGET = pf << 20  # read while capturing: each variant's graphs keep their budget
         g = DecodeGraphs(model, k_cache, v_cache, max_ctx, buckets=rows, compile=bool(args.compile))
-        res[f"graph_capture_s_{tag}"] = round(timed(lambda: g.capture()), 2)
+        res[f"graph_capture_s_{gemm}"] = round(timed(lambda: g.capture()), 2)
         run = Runner(model, g, torch.randperm(slots, device="cuda"))  # scattered slots, as in a live pool
-        res["decode_by_gemm"][tag] = measure_decode(run, args, res, batches, weight_bytes, kv_token_bytes, tag)
-    res["decode"] = res["decode_by_gemm"][variants[0][2]]
+        res["decode_by_gemm"][gemm] = measure_decode(run, args, res, batches, weight_bytes, kv_token_bytes, gemm)
+    res["decode"] = res["decode_by_gemm"][gemms[0]]
     V = cfg.vocab_size
     if args.profile and batches:
         for b in batches:
@@ -376,9 +372,6 @@ def main(argv=None) -> int:
     ap.add_argument("--hf-compile", default="", help="batch sizes whose HF generate is torch.compiled")
     ap.add_argument("--gemm", default="triton", help="decode GEMMs: triton (engine default), torch (cuBLAS); "
                     "a list measures the decode table once per entry, the first is used for everything else")
-    ap.add_argument("--prefetch-mb", default=str(l2_prefetch.BUDGET >> 20), help="MB of each layer's next weights "
-                    "pulled into L2 during its attention (engine/l2_prefetch.py; 0: off); a list measures the decode "
-                    "table per entry, the first is used for everything else")
     ap.add_argument("--fuse", type=int, default=1, help="fused q/k/v and gate/up GEMMs (engine inference)")
     ap.add_argument("--llm", default="1x4,16x4", help="engine.LLM loop cases RxK ('' skips)")
     ap.add_argument("--llm-eager", type=int, default=1, help="0: the engine.LLM cases with CUDA graphs only")

@@ -49,15 +49,12 @@ def sample(logits: torch.Tensor, temperature: torch.Tensor, noise: torch.Tensor 
 @torch.library.custom_op("npr::slot_decode", mutates_args=())
 def slot_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                 v_cache: torch.Tensor, layer: int, slots: torch.Tensor, table: torch.Tensor,
-                lens: torch.Tensor, rows: torch.Tensor, prefetch: list[torch.Tensor]) -> torch.Tensor:
+                lens: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     kc, vc = k_cache[layer], v_cache[layer]
     if q.device.type != "cuda":
         return _torch_slot_decode(q, k, v, kc, vc, slots, table, lens, rows)
-    from engine import l2_prefetch
     from engine.triton_attention import decode_attention
 
-    if prefetch:  # the weights of the GEMMs after this attention, into L2 meanwhile
-        l2_prefetch.prefetch(prefetch)
     return decode_attention(q, kc, vc, table=table, lens=lens, rows=rows, new_kv=(k, v, slots))
 
 
@@ -82,25 +79,15 @@ def _torch_slot_decode(q, k, v, kc, vc, slots, table, lens, rows):
 
 
 @slot_decode.register_fake
-def _(q, k, v, k_cache, v_cache, layer, slots, table, lens, rows, prefetch):
+def _(q, k, v, k_cache, v_cache, layer, slots, table, lens, rows):
     return torch.empty_like(q)
-
-
-def next_weights(layer) -> list[torch.Tensor]:
-    """The weights a decoder layer reads after its attention, in order (o projection, then the MLP's)."""
-    mlp = layer.mlp
-    up = [mlp.gate_up_proj.weight] if hasattr(mlp, "gate_up_proj") else [mlp.gate_proj.weight, mlp.up_proj.weight]
-    return [layer.self_attn.o_proj.weight, *up, mlp.down_proj.weight]
 
 
 def decode_step(model, ids, pos, k_cache, v_cache, slots, table, lens, rows, head_only: bool = False):
     """Logits of one decode step over the slot table (the function that is compiled): `compute_logits`, or with
     head_only the LM head's product in the model's dtype (the same values, not copied to float32)."""
-    layers = getattr(getattr(model, "model", None), "layers", None)  # a CausalLM: its next weights prefetch
-
     def attn(layer, q, k, v):
-        return torch.ops.npr.slot_decode(q, k, v, k_cache, v_cache, layer, slots, table, lens, rows,
-                                         [] if layers is None else next_weights(layers[layer]))
+        return torch.ops.npr.slot_decode(q, k, v, k_cache, v_cache, layer, slots, table, lens, rows)
 
     hidden = model(ids, pos, attn)
     return model.head_logits(hidden) if head_only else model.compute_logits(hidden)
@@ -152,10 +139,6 @@ class DecodeGraphs:
         self.table[torch.where(slots >= 0, rows, self.scratch), (lens - 1).clamp_min(0)] = slots
         logits = self.logits[b] = self.forward(self.model, self.ids[:b], self.pos[:b], self.k, self.v, slots,
                                                self.table, lens, rows, self.head_only)
-        if logits.is_cuda:
-            from engine import l2_prefetch
-
-            l2_prefetch.join(logits.device)  # the attention launches' side-stream prefetches
         if self.sample and logits.is_cuda:  # one fused read of the logits (engine/triton_sampling.py)
             from engine.triton_sampling import gumbel_sample
 
