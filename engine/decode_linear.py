@@ -5,7 +5,9 @@ go to the Triton skinny GEMM (weight streaming: engine/triton_gemm.py); everythi
 CPU, float32, older GPUs) to F.linear. The choice is made inside an opaque custom op from the concrete row
 count, so one dynamic-shape torch.compile of the decode step serves every CUDA-graph bucket, and
 `triton_gemm.MAX_ROWS = 0` switches a process back to cuBLAS without recompiling (bench/engine.py compares
-both in one run).
+both in one run). `decode_swiglu` is the MLP's gate/up product with SwiGLU applied: in the Triton kernel's
+epilogue when it takes the product (the gate/up output never reaches memory, one launch fewer per layer),
+else cuBLAS and one elementwise kernel (what Inductor emitted for it).
 """
 from __future__ import annotations
 
@@ -23,8 +25,7 @@ def _tensor_cores(device_index: int) -> bool:
 
 @torch.library.custom_op("npr::decode_linear", mutates_args=())
 def _decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    if (x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and weight.dtype == x.dtype
-            and _tensor_cores(x.device.index or 0)):
+    if _triton_takes(x, weight):
         from engine import triton_gemm
 
         if triton_gemm.takes(x.shape[0], weight.shape[0]):
@@ -37,9 +38,46 @@ def _(x, weight, bias):
     return x.new_empty(x.shape[0], weight.shape[0])
 
 
+def _triton_takes(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    return (x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and weight.dtype == x.dtype
+            and _tensor_cores(x.device.index or 0))
+
+
+def _reference_swiglu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    gate, up = F.linear(x, weight, bias).chunk(2, -1)
+    return F.silu(gate) * up
+
+
+@torch.library.custom_op("npr::decode_swiglu", mutates_args=())
+def _decode_swiglu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    if _triton_takes(x, weight):
+        from engine import triton_gemm
+
+        if triton_gemm.takes(x.shape[0], weight.shape[0]):
+            return triton_gemm.skinny_linear(x, weight, bias, gated=True)
+        return triton_gemm.silu_mul(F.linear(x, weight, bias))
+    return _reference_swiglu(x, weight, bias)
+
+
+@_decode_swiglu.register_fake
+def _(x, weight, bias):
+    return x.new_empty(x.shape[0], weight.shape[0] // 2)
+
+
 def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x [..., K] @ weight[N, K]^T (+ bias), no autograd: for inference forwards only."""
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
         return F.linear(x, weight, bias)  # a training forward through an engine model: keep autograd
     lead = x.shape[:-1]
     return _decode_linear(x.reshape(-1, x.shape[-1]), weight, bias).view(*lead, weight.shape[0])
+
+
+def decode_swiglu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """silu(gate) * up of the fused gate/up product (weight [2I, K]: gate rows, then up rows) -> [..., I]."""
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+        return _reference_swiglu(x, weight, bias)
+    lead = x.shape[:-1]
+    return _decode_swiglu(x.reshape(-1, x.shape[-1]), weight, bias).view(*lead, weight.shape[0] // 2)
+
+
+decode_linear.swiglu = decode_swiglu  # CausalLM.set_gemm gives it to the fused MLPs

@@ -142,6 +142,8 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
+    swiglu = None  # (x, gate_up weight, bias) -> silu(gate) * up for the fused gate/up (`CausalLM.set_gemm`)
+
     def __init__(self, args: ModelArgs):
         super().__init__()
         d, i, b = args.hidden_size, args.intermediate_size, args.mlp_bias
@@ -149,6 +151,8 @@ class MLP(nn.Module):
 
     def forward(self, x):
         if hasattr(self, "gate_up_proj"):
+            if self.swiglu is not None:
+                return self.down_proj(self.swiglu(x, self.gate_up_proj.weight, self.gate_up_proj.bias))
             gate, up = self.gate_up_proj(x).chunk(2, -1)
             return self.down_proj(F.silu(gate) * up)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -228,10 +232,13 @@ class CausalLM(nn.Module):
 
     def set_gemm(self, gemm=None) -> "CausalLM":
         """Route every projection and the LM head through `gemm(x, weight, bias)` (the engine's decode GEMM,
-        engine/decode_linear.py); None restores F.linear. Inference only: the kernel need not have a backward."""
+        engine/decode_linear.py), and fused MLPs through `gemm.swiglu` when it has one; None restores F.linear.
+        Inference only: the kernels need not have a backward."""
         for mod in self.modules():
             if isinstance(mod, Linear):
                 mod.gemm = gemm
+            elif isinstance(mod, MLP):  # a gemm may bring SwiGLU fused into the gate/up product
+                mod.swiglu = getattr(gemm, "swiglu", None)
         self.head_gemm = gemm
         return self
 

@@ -33,9 +33,11 @@ def takes(m: int, n: int) -> bool:
 
 
 @triton.jit
-def _skinny_kernel(x_ptr, w_ptr, b_ptr, y_ptr, part_ptr, lock_ptr, M, N, K, k_span, splits, stride_xm, stride_wn,
-                   SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN: tl.constexpr,
+def _skinny_kernel(x_ptr, w_ptr, b_ptr, y_ptr, part_ptr, lock_ptr, M, N, K, k_span, splits, stride_xm, stride_wn, up_off,
+                   SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN: tl.constexpr, GATED: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    # GATED (SwiGLU): w is [2N, K], gate rows then up rows; each program also takes the up tile of its gate
+    # columns (rows N + rn) and writes silu(gate) * up: the gate/up product's output never leaves the kernel
     # row blocks vary fastest: the programs of one weight tile run side by side and share it through L2
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -48,15 +50,22 @@ def _skinny_kernel(x_ptr, w_ptr, b_ptr, y_ptr, part_ptr, lock_ptr, M, N, K, k_sp
     x_ptrs = x_ptr + rm[:, None] * stride_xm + (k_lo + rk)[None, :]
     w_ptrs = w_ptr + rn[:, None].to(tl.int64) * stride_wn + (k_lo + rk)[None, :]
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    acc_up = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
     for k in range(k_lo, k_hi, BLOCK_K):
         if EVEN:  # N % BLOCK_N == 0 and K % BLOCK_K == 0: unmasked weight loads
             w = tl.load(w_ptrs)
+            if GATED:
+                u = tl.load(w_ptrs + up_off)
             x = tl.load(x_ptrs, mask=rm[:, None] < M, other=0.0)
         else:
             km = k + rk < K
             w = tl.load(w_ptrs, mask=(rn[:, None] < N) & km[None, :], other=0.0)
+            if GATED:
+                u = tl.load(w_ptrs + up_off, mask=(rn[:, None] < N) & km[None, :], other=0.0)
             x = tl.load(x_ptrs, mask=(rm[:, None] < M) & km[None, :], other=0.0)
         acc = tl.dot(x, tl.trans(w), acc)
+        if GATED:
+            acc_up = tl.dot(x, tl.trans(u), acc_up)
         x_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
     mask = (rm[:, None] < M) & (rn[None, :] < N)
@@ -66,16 +75,27 @@ def _skinny_kernel(x_ptr, w_ptr, b_ptr, y_ptr, part_ptr, lock_ptr, M, N, K, k_sp
         # tile's counter (release after a CTA barrier, so the whole partial is visible); the last one to arrive
         # sums all partials in split order (deterministic), writes y and re-arms the counter for the next call.
         tl.store(part_ptr + pid_k * M * N + tile, acc, mask=mask)
+        if GATED:  # the up partials after all gate partials
+            tl.store(part_ptr + (splits + pid_k) * M * N + tile, acc_up, mask=mask)
         tl.debug_barrier()
         lock = lock_ptr + pid_m * tl.num_programs(1) + pid_n
         last = tl.atomic_add(lock, 1, sem="acq_rel") == splits - 1
         mask = mask & last  # the other splits are done: every load and store below is masked off for them
         acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+        acc_up = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
         for s in range(splits):
             acc += tl.load(part_ptr + s * M * N + tile, mask=mask, other=0.0, cache_modifier=".cg")
+            if GATED:
+                acc_up += tl.load(part_ptr + (splits + s) * M * N + tile, mask=mask, other=0.0, cache_modifier=".cg")
         tl.atomic_xchg(lock, 0, mask=last)
     if HAS_BIAS:
         acc += tl.load(b_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+        if GATED:
+            acc_up += tl.load(b_ptr + N + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+    if GATED:  # the product rounded to the output dtype first, as when gate/up is a tensor of its own
+        dtype = y_ptr.dtype.element_ty
+        g = acc.to(dtype).to(tl.float32)
+        acc = g * tl.sigmoid(g) * acc_up.to(dtype).to(tl.float32)
     tl.store(y_ptr + tile, acc.to(y_ptr.dtype.element_ty), mask=mask)
 
 
@@ -135,24 +155,48 @@ def split_span(k: int, splits: int, block_k: int) -> int:
     return triton.cdiv(triton.cdiv(k, splits), block_k) * block_k
 
 
-def skinny_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, **tune) -> torch.Tensor:
-    """x [M, K] @ w[N, K]^T (+ bias) on the GPU, in x's dtype with fp32 accumulation. `tune` overrides
-    `config`'s keywords (bench/gemm.py sweeps them)."""
+def skinny_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, gated: bool = False,
+                  **tune) -> torch.Tensor:
+    """x [M, K] @ w[N, K]^T (+ bias) on the GPU, in x's dtype with fp32 accumulation. gated: w [2I, K] holds
+    the gate rows then the up rows (bias likewise), and the result is SwiGLU's silu(gate) * up [M, I]. `tune`
+    overrides `config`'s keywords (bench/gemm.py sweeps them)."""
     m, k = x.shape
     n = w.shape[0]
-    if w.shape[1] != k or w.stride(1) != 1:
-        raise ValueError(f"skinny_linear: w {tuple(w.shape)} (stride {w.stride()}) does not match x {tuple(x.shape)}")
+    if w.shape[1] != k or w.stride(1) != 1 or (gated and n % 2):
+        raise ValueError(f"skinny_linear: w {tuple(w.shape)} (stride {w.stride()}) does not match x {tuple(x.shape)}"
+                         + (" (gated: an even number of rows)" if gated else ""))
     if x.stride(1) != 1:
         x = x.contiguous()
     c = config(m, n, k, _sm_count(x.device.index or 0), **tune)
     bm, bn, bk, splits = c.pop("BLOCK_M"), c.pop("BLOCK_N"), c.pop("BLOCK_K"), c.pop("splits")
+    if gated:  # a program takes a gate tile and its up tile: half the columns, the same weight bytes
+        n, bn = n // 2, max(16, bn // 2)
     k_span = split_span(k, splits, bk)
     even = n % bn == 0 and k % bk == 0
     grid = (triton.cdiv(m, bm), triton.cdiv(n, bn), splits)
     y = torch.empty(m, n, device=x.device, dtype=x.dtype)
-    part = torch.empty(splits, m, n, device=x.device, dtype=torch.float32) if splits > 1 else y
+    part = torch.empty((1 + gated) * splits, m, n, device=x.device, dtype=torch.float32) if splits > 1 else y
     locks = arrival_counters(x.device, grid[0] * grid[1]) if splits > 1 else y
     _skinny_kernel[grid](x, w, bias if bias is not None else y, y, part, locks, m, n, k, k_span, splits,
-                         x.stride(0), w.stride(0), SPLIT=splits > 1, HAS_BIAS=bias is not None, EVEN=even, BLOCK_M=bm,
-                         BLOCK_N=bn, BLOCK_K=bk, **c)
+                         x.stride(0), w.stride(0), n * w.stride(0) if gated else 0, SPLIT=splits > 1, HAS_BIAS=bias is not None, EVEN=even, GATED=gated,
+                         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, **c)
+    return y
+
+
+@triton.jit
+def _silu_mul_kernel(gu_ptr, y_ptr, N, stride_gu, BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < N
+    g = tl.load(gu_ptr + row * stride_gu + cols, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(gu_ptr + row * stride_gu + N + cols, mask=mask, other=0.0).to(tl.float32)
+    tl.store(y_ptr + row * N + cols, (g * tl.sigmoid(g) * u).to(y_ptr.dtype.element_ty), mask=mask)
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """[M, 2I] (gate then up columns) -> silu(gate) * up [M, I]: SwiGLU after a product this kernel did not take."""
+    m, n2 = gate_up.shape
+    y = torch.empty(m, n2 // 2, device=gate_up.device, dtype=gate_up.dtype)
+    if m:
+        _silu_mul_kernel[(m, triton.cdiv(n2 // 2, 1024))](gate_up, y, n2 // 2, gate_up.stride(0), BLOCK=1024)
     return y

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from engine.decode_linear import decode_linear
+from engine.decode_linear import decode_linear, decode_swiglu
 from engine.model import CausalLM, ModelArgs
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -45,6 +45,36 @@ def test_set_gemm_routes_every_product_and_changes_nothing_on_cpu():
     m.set_gemm(None)
     calls.clear()
     assert torch.equal(forward(m), ref) and not calls
+
+
+def swiglu_reference(x, w, b=None):
+    """SwiGLU of the fused gate/up product as the unfused model computes it: the product rounded to x's dtype."""
+    gate, up = F.linear(x.float(), w.float(), None if b is None else b.float()).to(x.dtype).float().chunk(2, -1)
+    return F.silu(gate) * up
+
+
+@torch.no_grad()
+def test_fused_mlp_takes_the_gemms_swiglu_and_changes_nothing_on_cpu():
+    m = tiny().fuse_projections()
+    ref = forward(m)
+    m.set_gemm(decode_linear)
+    assert all(layer.mlp.swiglu is decode_swiglu for layer in m.model.layers)
+    assert torch.equal(forward(m), ref)  # on the CPU: F.linear, chunk, silu * up, as the model's own path
+    m.set_gemm(None)
+    assert all(layer.mlp.swiglu is None for layer in m.model.layers)
+
+
+def test_decode_swiglu_op_fake_kernel_compile_and_autograd():
+    x, w, b = torch.randn(4, 16), torch.randn(24, 16), torch.randn(24)
+    torch.library.opcheck(torch.ops.npr.decode_swiglu.default, (x, w, b))
+    torch.testing.assert_close(decode_swiglu(x, w, b), swiglu_reference(x, w, b))
+    fn = torch.compile(lambda x: decode_swiglu(x, w, b) * 2, dynamic=True)
+    for rows in (1, 5):
+        x = torch.randn(rows, 16)
+        torch.testing.assert_close(fn(x), 2 * swiglu_reference(x, w, b))
+    x = torch.randn(3, 16, requires_grad=True)  # a training forward: the differentiable reference
+    decode_swiglu(x, w, b).sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
 
 
 def test_decode_linear_keeps_autograd_for_training_forwards():
@@ -100,7 +130,29 @@ def test_skinny_linear_any_split_count(m, n, k, splits):
     y = skinny_linear(x, w, **tune)
     torch.testing.assert_close(y.float(), F.linear(x.float(), w.float()), rtol=1e-2, atol=2e-2)
     assert torch.equal(skinny_linear(x, w, **tune), y)
-    assert int(_LOCKS[x.device].abs().sum()) == 0
+    assert int(_LOCKS.get(x.device, torch.zeros(1)).abs().sum()) == 0
+
+
+@cuda
+@pytest.mark.parametrize("m", [1, 3, 16, 17, 64, 256])  # 256: cuBLAS + the elementwise SwiGLU kernel
+@pytest.mark.parametrize("i,k,splits", [(9728, 2560, None), (3072, 1024, 3), (1000, 1100, None)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_decode_swiglu_matches_reference(m, i, k, splits, bias):
+    """SwiGLU in the GEMM's epilogue (or after cuBLAS above the kernel's rows) against the unfused math."""
+    from engine.triton_gemm import _LOCKS, skinny_linear
+
+    g = torch.Generator(device="cuda").manual_seed(m + i + k)
+    x = torch.randn(m, k, device="cuda", generator=g).bfloat16()
+    w = (torch.randn(2 * i, k, device="cuda", generator=g) / k ** 0.5).bfloat16()
+    b = torch.randn(2 * i, device="cuda", generator=g).bfloat16() if bias else None
+    ref = swiglu_reference(x, w, b)
+    y = decode_swiglu(x, w, b) if splits is None else skinny_linear(x, w, b, gated=True, splits=splits)
+    assert y.dtype == torch.bfloat16 and y.shape == (m, i)
+    torch.testing.assert_close(y.float(), ref, rtol=1e-2, atol=1e-2)
+    if m <= 64:
+        assert torch.equal(skinny_linear(x, w, b, gated=True, splits=splits), skinny_linear(x, w, b, gated=True,
+                                                                                              splits=splits))
+        assert int(_LOCKS.get(x.device, torch.zeros(1)).abs().sum()) == 0
 
 
 @cuda
