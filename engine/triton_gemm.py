@@ -178,8 +178,8 @@ def skinny_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = 
     part = torch.empty((1 + gated) * splits, m, n, device=x.device, dtype=torch.float32) if splits > 1 else y
     locks = arrival_counters(x.device, grid[0] * grid[1]) if splits > 1 else y
     _skinny_kernel[grid](x, w, bias if bias is not None else y, y, part, locks, m, n, k, k_span, splits,
-                         x.stride(0), w.stride(0), n * w.stride(0) if gated else 0, SPLIT=splits > 1, HAS_BIAS=bias is not None, EVEN=even, GATED=gated,
-                         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, **c)
+                         x.stride(0), w.stride(0), n * w.stride(0) if gated else 0, SPLIT=splits > 1,
+                         HAS_BIAS=bias is not None, EVEN=even, GATED=gated, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, **c)
     return y
 
 
