@@ -65,6 +65,8 @@ def main() -> int:
     ap.add_argument("--warps", default="4")
     ap.add_argument("--block-m", default="0", help="row blocks to sweep (0: the engine's choice for the rows)")
     ap.add_argument("--splits", default="0", help="K splits to sweep, any count (0: the engine's rule from --waves)")
+    ap.add_argument("--inductor", type=int, default=0, help="1: also time Inductor's max-autotune GEMM (its Triton "
+                    "templates vs cuBLAS, picked per shape) as a third column")
     ap.add_argument("--out", required=True)
     a = ap.parse_args()
     dev, dtype = torch.device("cuda"), torch.bfloat16
@@ -86,6 +88,10 @@ def main() -> int:
             nbytes = n * k * 2 + (m * k + m * n) * 2
             case = {"product": name, "rows": m, "N": n, "K": k, "bytes": nbytes, "configs": []}
             case["cublas_ms"] = graph_ms(lambda: [F.linear(x, w) for w in ws]) / copies
+            if a.inductor:  # one shape-specialised compile per (product, rows): autotuning happens in the warm-up
+                mm = torch.compile(lambda x, w: F.linear(x, w), mode="max-autotune-no-cudagraphs", dynamic=False)
+                case["inductor_ms"] = graph_ms(lambda: [mm(x, w) for w in ws]) / copies
+                case["inductor_err"] = (mm(x, ws[0]).float() - ref).abs().max().item()
             case["default_ms"] = graph_ms(lambda: [skinny_linear(x, w) for w in ws]) / copies
             err = (skinny_linear(x, ws[0]).float() - ref).abs().max().item()
             case["default_err"] = err
@@ -102,8 +108,9 @@ def main() -> int:
             ok = [c for c in case["configs"] if "ms" in c and c["err"] <= 2e-2 * ref.abs().max().item()]
             best = min(ok, key=lambda c: c["ms"])
             case["best"] = best
-            for key in ("cublas", "default"):
-                case[f"{key}_frac"] = nbytes / (case[f"{key}_ms"] * 1e-3) / res["copy_bw"]
+            for key in ("cublas", "default", "inductor"):
+                if f"{key}_ms" in case:
+                    case[f"{key}_frac"] = nbytes / (case[f"{key}_ms"] * 1e-3) / res["copy_bw"]
             case["best_frac"] = nbytes / (best["ms"] * 1e-3) / res["copy_bw"]
             res["cases"].append(case)
             st = steps.setdefault(m, {"cublas_ms": 0.0, "default_ms": 0.0, "best_ms": 0.0, "bytes": 0})
@@ -111,7 +118,9 @@ def main() -> int:
             st["default_ms"] += times * case["default_ms"]
             st["best_ms"] += times * best["ms"]
             st["bytes"] += times * nbytes
-            print(f"{name:8s} M={m:4d} cuBLAS {case['cublas_frac']:.0%}  default {case['default_frac']:.0%}  "
+            ind = f"inductor {case['inductor_ms'] * 1e3:.1f} us  " if a.inductor else ""
+            print(f"{name:8s} M={m:4d} cuBLAS {case['cublas_ms'] * 1e3:.1f} us {case['cublas_frac']:.0%}  {ind}"
+                  f"default {case['default_frac']:.0%}  "
                   f"best {case['best_frac']:.0%} {({k: v for k, v in best.items() if k not in ('ms', 'err')})}",
                   flush=True)
             Path(a.out).write_text(json.dumps({**res, "steps": steps}, indent=1))

@@ -7,6 +7,7 @@ as far as needed to give every SM enough tiles in flight. The grid is (column bl
 With one split the program writes y directly; with more, each split writes an fp32 partial and the last
 split of a tile to arrive (a per-tile counter) sums them in split order: one launch, and results that are
 deterministic (never a floating-point atomic) and independent of the run.
+With `gated=True` the product is the fused gate/up one and the epilogue applies SwiGLU (silu(gate) * up).
 The config is a pure function of (M, N, K) and the SM count, so launches are CUDA-graph capturable.
 Tuned with bench/gemm.py (see `config`).
 """
