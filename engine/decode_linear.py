@@ -25,7 +25,7 @@ def _tensor_cores(device_index: int) -> bool:
 
 @torch.library.custom_op("npr::decode_linear", mutates_args=())
 def _decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    if _triton_takes(x, weight):
+    if _triton_capable(x, weight):
         from engine import triton_gemm
 
         if triton_gemm.takes(x.shape[0], weight.shape[0]):
@@ -38,7 +38,8 @@ def _(x, weight, bias):
     return x.new_empty(x.shape[0], weight.shape[0])
 
 
-def _triton_takes(x: torch.Tensor, weight: torch.Tensor) -> bool:
+def _triton_capable(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """The Triton kernels can run this product (GPU, half-precision operands, tensor cores); `takes` decides."""
     return (x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and weight.dtype == x.dtype
             and _tensor_cores(x.device.index or 0))
 
@@ -50,7 +51,7 @@ def _reference_swiglu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
 
 @torch.library.custom_op("npr::decode_swiglu", mutates_args=())
 def _decode_swiglu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    if _triton_takes(x, weight):
+    if _triton_capable(x, weight):
         from engine import triton_gemm
 
         if triton_gemm.takes(x.shape[0], weight.shape[0]):
