@@ -75,6 +75,9 @@ def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
 
 def decode_swiglu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """silu(gate) * up of the fused gate/up product (weight [2I, K]: gate rows, then up rows) -> [..., I]."""
+    if weight.shape[0] % 2 or x.shape[-1] != weight.shape[1]:
+        raise ValueError(f"decode_swiglu: weight {tuple(weight.shape)} for x {tuple(x.shape)}: [2I, K] with K = "
+                         "x's last dim expected")
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
         return _reference_swiglu(x, weight, bias)
     lead = x.shape[:-1]

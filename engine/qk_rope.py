@@ -32,6 +32,13 @@ def qk_norm_rope(qk: torch.Tensor, q_weight: torch.Tensor | None, k_weight: torc
     cos / sin [T, 1, D] as engine/rope.py's `cos_sin` gives them."""
     if (q_weight is None) != (k_weight is None):
         raise ValueError("qk_norm_rope: give both q and k norm weights or neither")
+    t, h, d = qk.shape
+    if cos.shape != (t, 1, d) or sin.shape != (t, 1, d):
+        raise ValueError(f"qk_norm_rope: cos / sin {tuple(cos.shape)} / {tuple(sin.shape)} for qk {tuple(qk.shape)}: "
+                         f"[T, 1, D] = {(t, 1, d)} expected")
+    if q_weight is not None and (q_weight.shape != (d,) or k_weight.shape != (d,) or not 0 < num_q <= h):
+        raise ValueError(f"qk_norm_rope: norm weights {tuple(q_weight.shape)} / {tuple(k_weight.shape)} and "
+                         f"{num_q} q heads for qk {tuple(qk.shape)}: [D] weights and 0 < num_q <= H expected")
     half = qk.shape[2] // 2
     if not qk.is_cuda or qk.shape[0] == 0 or qk.stride(2) != 1 or qk.shape[2] % 2 or half & (half - 1):
         return reference(qk, q_weight, k_weight, num_q, eps, cos, sin).contiguous()

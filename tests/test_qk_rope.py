@@ -48,6 +48,10 @@ def test_training_forward_keeps_gradients_and_bad_weights_are_refused():
     assert qk.grad is not None and qk.grad.abs().sum() > 0
     with pytest.raises(ValueError, match="both q and k norm weights"):
         qk_norm_rope(qk.detach(), wq, None, hq, eps, cos, sin)
+    with pytest.raises(ValueError, match=r"cos / sin"):  # positions of another batch
+        qk_norm_rope(qk.detach(), wq, wk, hq, eps, cos[:2], sin[:2])
+    with pytest.raises(ValueError, match="norm weights"):
+        qk_norm_rope(qk.detach(), wq[:8], wk[:8], hq, eps, cos, sin)
 
 
 @cuda

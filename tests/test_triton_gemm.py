@@ -75,6 +75,10 @@ def test_decode_swiglu_op_fake_kernel_compile_and_autograd():
     x = torch.randn(3, 16, requires_grad=True)  # a training forward: the differentiable reference
     decode_swiglu(x, w, b).sum().backward()
     assert x.grad is not None and x.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match=r"\[2I, K\]"):
+        decode_swiglu(x.detach(), w[:23], b[:23])  # an odd number of rows: no gate/up halves
+    with pytest.raises(ValueError, match=r"\[2I, K\]"):
+        decode_swiglu(torch.randn(3, 8), w, b)
 
 
 def test_decode_linear_keeps_autograd_for_training_forwards():
