@@ -39,8 +39,7 @@ def qk_norm_rope(qk: torch.Tensor, q_weight: torch.Tensor | None, k_weight: torc
     if q_weight is not None and (q_weight.shape != (d,) or k_weight.shape != (d,) or not 0 < num_q <= h):
         raise ValueError(f"qk_norm_rope: norm weights {tuple(q_weight.shape)} / {tuple(k_weight.shape)} and "
                          f"{num_q} q heads for qk {tuple(qk.shape)}: [D] weights and 0 < num_q <= H expected")
-    half = qk.shape[2] // 2
-    if not qk.is_cuda or qk.shape[0] == 0 or qk.stride(2) != 1 or qk.shape[2] % 2 or half & (half - 1):
+    if not qk.is_cuda or t == 0 or qk.stride(2) != 1 or d % 2 or (d // 2) & (d // 2 - 1):
         return reference(qk, q_weight, k_weight, num_q, eps, cos, sin).contiguous()
     from engine.triton_qk_rope import qk_norm_rope_cuda
 
