@@ -174,12 +174,15 @@ def bench_ours(model, args, res):
 
 
 def set_gemm(model, gemm: str) -> None:
-    """--gemm: 'triton' = the engine's decode GEMM (engine/decode_linear.py), 'torch' = F.linear (cuBLAS)."""
+    """--gemm: 'triton' = the engine's decode GEMM (engine/decode_linear.py), 'torch' = F.linear (cuBLAS),
+    'triton-pdl' = the kernel with programmatic dependent launch (an experiment, off by default)."""
     from engine import triton_gemm
     from engine.decode_linear import decode_linear
 
     model.set_gemm(decode_linear)  # the same traced graph either way: the choice is made inside the op
-    triton_gemm.MAX_ROWS = {"triton": triton_gemm.DEFAULT_MAX_ROWS, "torch": 0}[gemm]
+    triton_gemm.MAX_ROWS = {"triton": triton_gemm.DEFAULT_MAX_ROWS, "triton-pdl": triton_gemm.DEFAULT_MAX_ROWS,
+                            "torch": 0}[gemm]
+    triton_gemm.PDL = gemm == "triton-pdl"  # experiment: programmatic dependent launch (engine/triton_gemm.py)
 
 
 def measure_decode(run, args, res, batches, weight_bytes, kv_token_bytes, tag) -> list[dict]:

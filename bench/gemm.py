@@ -65,6 +65,8 @@ def main() -> int:
     ap.add_argument("--warps", default="4")
     ap.add_argument("--block-m", default="0", help="row blocks to sweep (0: the engine's choice for the rows)")
     ap.add_argument("--splits", default="0", help="K splits to sweep, any count (0: the engine's rule from --waves)")
+    ap.add_argument("--pdl", type=int, default=0, help="1: also time the default config with programmatic dependent "
+                    "launch (triton_gemm.PDL's kernel: weights into L2 before waiting on the previous product)")
     ap.add_argument("--inductor", type=int, default=0, help="1: also time Inductor's max-autotune GEMM (its Triton "
                     "templates vs cuBLAS, picked per shape) as a third column")
     ap.add_argument("--out", required=True)
@@ -88,6 +90,8 @@ def main() -> int:
             nbytes = n * k * 2 + (m * k + m * n) * 2
             case = {"product": name, "rows": m, "N": n, "K": k, "bytes": nbytes, "configs": []}
             case["cublas_ms"] = graph_ms(lambda: [F.linear(x, w) for w in ws]) / copies
+            if a.pdl:  # back to back in the graph: each product's prefetch overlaps the previous one's tail
+                case["pdl_ms"] = graph_ms(lambda: [skinny_linear(x, w, pdl=True) for w in ws]) / copies
             if a.inductor:  # one shape-specialised compile per (product, rows): autotuning happens in the warm-up
                 mm = torch.compile(lambda x, w: F.linear(x, w), mode="max-autotune-no-cudagraphs", dynamic=False)
                 case["inductor_ms"] = graph_ms(lambda: [mm(x, w) for w in ws]) / copies
@@ -119,6 +123,7 @@ def main() -> int:
             st["best_ms"] += times * best["ms"]
             st["bytes"] += times * nbytes
             ind = f"inductor {case['inductor_ms'] * 1e3:.1f} us  " if a.inductor else ""
+            ind += f"default {case['default_ms'] * 1e3:.1f} us, with PDL {case['pdl_ms'] * 1e3:.1f}  " if a.pdl else ""
             print(f"{name:8s} M={m:4d} cuBLAS {case['cublas_ms'] * 1e3:.1f} us {case['cublas_frac']:.0%}  {ind}"
                   f"default {case['default_frac']:.0%}  "
                   f"best {case['best_frac']:.0%} {({k: v for k, v in best.items() if k not in ('ms', 'err')})}",

@@ -21,7 +21,9 @@ import torch
 import triton
 import triton.language as tl
 
+from engine import triton_gemm
 from engine.paged_attention import PagedAttention
+from engine.triton_gemm import gdc_launch_dependents
 
 
 @triton.jit
@@ -59,7 +61,9 @@ def _decode_kernel(q_ptr, kc_ptr, vc_ptr, ptr_ptr, len_ptr, idx_ptr, out_ptr, mo
                    stride_kn, stride_vn,
                    KV_ROW: tl.constexpr, GROUP: tl.constexpr, BLOCK_H: tl.constexpr, D: tl.constexpr,
                    BLOCK_N: tl.constexpr, SPLITS: tl.constexpr, PADDED: tl.constexpr, PREC: tl.constexpr,
-                   INDIRECT: tl.constexpr, NEW_KV: tl.constexpr):
+                   INDIRECT: tl.constexpr, NEW_KV: tl.constexpr, PDL_TRIGGER: tl.constexpr):
+    if PDL_TRIGGER:  # the next grid (a PDL-launched GEMM) may start once every program here has started
+        gdc_launch_dependents()
     row = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -236,18 +240,17 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     group = hq // hkv
     mo = ml = locks = out  # unused placeholders when SPLITS == 1
     if splits > 1:
-        from engine.triton_gemm import arrival_counters
-
         mo = torch.empty(r, hq, splits, d, dtype=torch.float32, device=q.device)
         ml = torch.empty(r, hq, splits, dtype=torch.float32, device=q.device)
-        locks = arrival_counters(q.device, r * hkv)
+        locks = triton_gemm.arrival_counters(q.device, r * hkv)
     _decode_kernel[(r, hkv, splits)](
         q, k_cache, v_cache, ptr, ln, idx, out, mo, ml, locks, k_new, v_new, new_slots,
         math.log2(math.e) / math.sqrt(d), q.stride(0), q.stride(1), out.stride(0), out.stride(1), tstride,
         k_new.stride(0), v_new.stride(0),
         KV_ROW=hkv * d, GROUP=group, BLOCK_H=max(16, triton.next_power_of_2(group)), D=d,
         BLOCK_N=block_n, SPLITS=splits, PADDED=padded, INDIRECT=padded and rows is not None,
-        NEW_KV=new_kv is not None, num_warps=num_warps, num_stages=num_stages,
+        NEW_KV=new_kv is not None, PDL_TRIGGER=triton_gemm.PDL and q.is_cuda and triton_gemm._pdl_capable(
+            q.device.index or 0), num_warps=num_warps, num_stages=num_stages,
         PREC="ieee" if q.dtype == torch.float32 else "tf32")  # float32 caches (tests): no tf32 rounding
     return out
 

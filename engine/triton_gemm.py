@@ -19,6 +19,11 @@ import torch
 import triton
 import triton.language as tl
 
+try:  # Triton >= 3.3: grid dependency control (programmatic dependent launch)
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+except ImportError:  # pragma: no cover - older Triton: PDL stays off
+    gdc_launch_dependents = gdc_wait = None
+
 # Row counts up to which engine/decode_linear.py uses this kernel: on an H200 it beat cuBLAS at 1 and 16 rows
 # on every product; at 64 rows only on the wide ones (gate/up 28.7 vs 31.3 us, LM head 191 vs 198 us; q/k/v,
 # o and down lose): bench/gemm.py, BENCHMARKS.md. Module-level so a benchmark can switch it per run
@@ -26,16 +31,31 @@ import triton.language as tl
 DEFAULT_MAX_ROWS = 16
 MAX_ROWS = DEFAULT_MAX_ROWS
 WIDE_MAX_ROWS, WIDE_MIN_N = 64, 16384
+# Experiment (branch exp/pdl-l2, not measured yet): programmatic dependent launch on sm90+. Each program lets
+# the next grid launch as soon as every program of this one has started, then pulls its own weight slice into
+# L2 while the previous grid finishes, and only then waits for it (x and every write come after the wait). With
+# PDL on, the kernel also takes the narrow products up to WIDE_MAX_ROWS rows (cuBLAS's fixed ramp is what PDL
+# is meant to hide). bench/engine.py --gemm triton-pdl, bench/gemm.py --pdl 1.
+PDL = False
+LINE = 128  # bytes per L2 line
 
 
 def takes(m: int, n: int) -> bool:
     """Whether an [m, K] @ [K, n] decode product should run here rather than on cuBLAS."""
-    return 0 < m <= MAX_ROWS or (MAX_ROWS > 0 and m <= WIDE_MAX_ROWS and n >= WIDE_MIN_N)
+    return 0 < m <= MAX_ROWS or (MAX_ROWS > 0 and m <= WIDE_MAX_ROWS and (n >= WIDE_MIN_N or PDL))
+
+
+@triton.jit
+def _prefetch_l2(ptrs):
+    """Ask L2 for the lines holding `ptrs` (evict-last); no register waits on the data."""
+    tl.inline_asm_elementwise("prefetch.global.L2::evict_last [$1];\n\tmov.u32 $0, 0;", "=r,l", [ptrs],
+                              dtype=tl.int32, is_pure=False, pack=1)
 
 
 @triton.jit
 def _skinny_kernel(x_ptr, w_ptr, b_ptr, y_ptr, part_ptr, lock_ptr, M, N, K, k_span, splits, stride_xm, stride_wn, up_off,
                    SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN: tl.constexpr, GATED: tl.constexpr,
+                   PDL: tl.constexpr, LINE_ELEMS: tl.constexpr, PF_LINES: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     # GATED (SwiGLU): w is [2N, K], gate rows then up rows; each program also takes the up tile of its gate
     # columns (rows N + rn) and writes silu(gate) * up: the gate/up product's output never leaves the kernel
@@ -50,6 +70,17 @@ def _skinny_kernel(x_ptr, w_ptr, b_ptr, y_ptr, part_ptr, lock_ptr, M, N, K, k_sp
     k_hi = tl.minimum(k_lo + k_span, K)
     x_ptrs = x_ptr + rm[:, None] * stride_xm + (k_lo + rk)[None, :]
     w_ptrs = w_ptr + rn[:, None].to(tl.int64) * stride_wn + (k_lo + rk)[None, :]
+    if PDL:
+        gdc_launch_dependents()  # the next grid may launch once every program of this one has started
+        # the weights never depend on the previous grid: this program's slice goes to L2 before the wait
+        lines = tl.arange(0, PF_LINES) * LINE_ELEMS  # the L2 lines of one BLOCK_K step of a weight row
+        rows = w_ptr + tl.minimum(rn, N - 1)[:, None].to(tl.int64) * stride_wn
+        for k in range(k_lo, k_hi, BLOCK_K):
+            cols = tl.minimum(k + lines, K - 1)[None, :]
+            _prefetch_l2(rows + cols)
+            if GATED:
+                _prefetch_l2(rows + up_off + cols)
+        gdc_wait()  # x, and everything this grid writes, only after the previous grid is done
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
     acc_up = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
     for k in range(k_lo, k_hi, BLOCK_K):
@@ -120,6 +151,11 @@ def arrival_counters(device: torch.device, n: int) -> torch.Tensor:
 
 
 @functools.cache
+def _pdl_capable(device_index: int) -> bool:
+    return gdc_wait is not None and torch.cuda.get_device_capability(device_index) >= (9, 0)
+
+
+@functools.cache
 def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
@@ -157,7 +193,7 @@ def split_span(k: int, splits: int, block_k: int) -> int:
 
 
 def skinny_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, gated: bool = False,
-                  **tune) -> torch.Tensor:
+                  pdl: bool | None = None, **tune) -> torch.Tensor:
     """x [M, K] @ w[N, K]^T (+ bias) on the GPU, in x's dtype with fp32 accumulation. gated: w [2I, K] holds
     the gate rows then the up rows (bias likewise), and the result is SwiGLU's silu(gate) * up [M, I]. `tune`
     overrides `config`'s keywords (bench/gemm.py sweeps them)."""
@@ -178,9 +214,12 @@ def skinny_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = 
     y = torch.empty(m, n, device=x.device, dtype=x.dtype)
     part = torch.empty((1 + gated) * splits, m, n, device=x.device, dtype=torch.float32) if splits > 1 else y
     locks = arrival_counters(x.device, grid[0] * grid[1]) if splits > 1 else y
+    pdl = (PDL if pdl is None else pdl) and x.is_cuda and _pdl_capable(x.device.index or 0)
     _skinny_kernel[grid](x, w, bias if bias is not None else y, y, part, locks, m, n, k, k_span, splits,
                          x.stride(0), w.stride(0), n * w.stride(0) if gated else 0, SPLIT=splits > 1,
-                         HAS_BIAS=bias is not None, EVEN=even, GATED=gated, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, **c)
+                         HAS_BIAS=bias is not None, EVEN=even, GATED=gated, PDL=pdl,
+                         LINE_ELEMS=LINE // x.element_size(), PF_LINES=max(1, bk * x.element_size() // LINE), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, **c,
+                         **({"launch_pdl": True} if pdl else {}))
     return y
 
 

@@ -218,3 +218,34 @@ def test_engine_model_logits_with_triton_gemm():
         m.set_gemm(None)
     assert len(calls) == 4 * CFG["num_hidden_layers"] + 1
     assert (out - ref).abs().max() <= 0.02 * ref.abs().max()
+
+
+@cuda
+@torch.inference_mode()
+@pytest.mark.parametrize("rows", [1, 32])
+def test_decode_graphs_with_pdl_equal_graphs_without(rows, monkeypatch):
+    """Programmatic dependent launch (experiment, `triton_gemm.PDL`) changes when grids start, never a value:
+    the same bf16 decode step captured with and without it gives bit-equal logits and KV writes."""
+    from engine import triton_gemm
+    from engine.cuda_graphs import DecodeGraphs
+
+    if not triton_gemm._pdl_capable(0):
+        pytest.skip("programmatic dependent launch needs sm90+ and Triton >= 3.3")
+    cfg = dict(model_type="qwen3", vocab_size=1000, hidden_size=256, intermediate_size=512, num_hidden_layers=3,
+               num_attention_heads=8, num_key_value_heads=2, head_dim=32, tie_word_embeddings=True,
+               max_position_embeddings=512)
+    torch.manual_seed(0)
+    model = CausalLM(ModelArgs.from_hf_config(cfg)).cuda().bfloat16().eval().fuse_projections().set_gemm(decode_linear)
+    monkeypatch.setattr(triton_gemm, "MAX_ROWS", 64)  # every product on the kernel both times (PDL widens takes)
+    outs = []
+    for pdl in (False, True):
+        monkeypatch.setattr(triton_gemm, "PDL", pdl)
+        gen = torch.Generator("cuda").manual_seed(1)
+        kc, vc = (torch.randn(3, 400, 2, 32, device="cuda", generator=gen).bfloat16() for _ in range(2))
+        g = DecodeGraphs(model, kc, vc, max_context=64, buckets=(rows,), sample=False)
+        g.capture()
+        contexts = [list(range(50 * (i % 4), 50 * (i % 4) + 20)) + [300 + i] for i in range(rows)]
+        out = g.run([7 + i for i in range(rows)], [20] * rows, contexts).clone()
+        torch.cuda.synchronize()
+        outs.append((out, kc[:, 300:300 + rows].clone()))
+    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
