@@ -174,15 +174,19 @@ def bench_ours(model, args, res):
 
 
 def set_gemm(model, gemm: str) -> None:
-    """--gemm: 'triton' = the engine's decode GEMM (engine/decode_linear.py), 'torch' = F.linear (cuBLAS),
-    'triton-pdl' = the kernel with programmatic dependent launch (an experiment, off by default)."""
-    from engine import triton_gemm
+    """--gemm: 'triton' = the engine's decode GEMM (engine/decode_linear.py), 'torch' = F.linear (cuBLAS);
+    experiments (off by default): '-pdl' = the kernel with programmatic dependent launch, '-norm' = residual adds
+    and RMSNorms inside the GEMMs (engine/fused_decode.py), e.g. 'triton-pdl-norm'."""
+    from engine import fused_decode, triton_gemm
     from engine.decode_linear import decode_linear
 
+    base, *mods = gemm.split("-")
+    if base not in ("triton", "torch") or not set(mods) <= {"pdl", "norm"}:
+        raise SystemExit(f"--gemm {gemm!r}: triton or torch, then optionally -pdl and/or -norm")
     model.set_gemm(decode_linear)  # the same traced graph either way: the choice is made inside the op
-    triton_gemm.MAX_ROWS = {"triton": triton_gemm.DEFAULT_MAX_ROWS, "triton-pdl": triton_gemm.DEFAULT_MAX_ROWS,
-                            "torch": 0}[gemm]
-    triton_gemm.PDL = gemm == "triton-pdl"  # experiment: programmatic dependent launch (engine/triton_gemm.py)
+    triton_gemm.MAX_ROWS = triton_gemm.DEFAULT_MAX_ROWS if base == "triton" else 0
+    triton_gemm.PDL = "pdl" in mods  # experiment: programmatic dependent launch (engine/triton_gemm.py)
+    fused_decode.ENABLED = "norm" in mods  # experiment: residual adds and norms in the GEMMs (recompiles the step)
 
 
 def measure_decode(run, args, res, batches, weight_bytes, kv_token_bytes, tag) -> list[dict]:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from engine import fused_decode
 from engine.model import CausalLM
 from engine.scheduler import independent
 
@@ -89,6 +90,9 @@ def decode_step(model, ids, pos, k_cache, v_cache, slots, table, lens, rows, hea
     def attn(layer, q, k, v):
         return torch.ops.npr.slot_decode(q, k, v, k_cache, v_cache, layer, slots, table, lens, rows)
 
+    if fused_decode.applies(model):  # the experiment: residual adds and norms inside the GEMMs
+        logits = fused_decode.forward(model, ids, pos, attn)
+        return logits if head_only else logits.float()
     hidden = model(ids, pos, attn)
     return model.head_logits(hidden) if head_only else model.compute_logits(hidden)
 

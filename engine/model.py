@@ -130,9 +130,13 @@ class Attention(nn.Module):
             if hasattr(self, "q_norm"):
                 q, k = self.q_norm(q), self.k_norm(k)
             return apply_rope(q, *rope), apply_rope(k, *rope), v
-        # fused (engine/fusion.py): column slices of one output (views), and the q and k heads normed and
-        # rotated together by one kernel (engine/qk_rope.py)
-        qk, v = self.qkv_proj(x).split([(self.hq + self.hkv) * self.dh, self.hkv * self.dh], -1)
+        return self.split_qkv(self.qkv_proj(x), rope)
+
+    def split_qkv(self, qkv: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]):
+        """q, k, v from the fused projection's output [T, (Hq + 2 Hkv) Dh]: column slices (views), and the q and
+        k heads normed and rotated together by one kernel (engine/qk_rope.py)."""
+        t = qkv.shape[0]
+        qk, v = qkv.split([(self.hq + self.hkv) * self.dh, self.hkv * self.dh], -1)
         qk, v = qk.view(t, self.hq + self.hkv, self.dh), v.view(t, self.hkv, self.dh)
         norm = hasattr(self, "q_norm")
         qk = norm_rope(qk, self.q_norm.weight if norm else None, self.k_norm.weight if norm else None, self.hq,

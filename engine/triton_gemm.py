@@ -54,9 +54,15 @@ def _prefetch_l2(ptrs):
 
 @triton.jit
 def _skinny_kernel(x_ptr, w_ptr, b_ptr, y_ptr, part_ptr, lock_ptr, M, N, K, k_span, splits, stride_xm, stride_wn, up_off,
+                   ssq_in_ptr, g_ptr, eps, res_ptr, ssq_out_ptr,
                    SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN: tl.constexpr, GATED: tl.constexpr,
                    PDL: tl.constexpr, LINE_ELEMS: tl.constexpr, PF_LINES: tl.constexpr,
+                   NORM: tl.constexpr, GROUPS_IN: tl.constexpr, RESIDUAL: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    # NORM (prologue): x is the residual stream and the product is of RMSNorm(x) * g: each row's rstd from the
+    # producer's per-16-column sums of squares (ssq_in [M, cdiv(K, 16)]), x rounded as `model.rms_norm` rounds it.
+    # RESIDUAL (epilogue): y = res + the product (the residual add), plus y's per-16-column sums of squares
+    # (ssq_out [M, cdiv(N, 16)]) for the next product's NORM.
     # GATED (SwiGLU): w is [2N, K], gate rows then up rows; each program also takes the up tile of its gate
     # columns (rows N + rn) and writes silu(gate) * up: the gate/up product's output never leaves the kernel
     # row blocks vary fastest: the programs of one weight tile run side by side and share it through L2
@@ -81,6 +87,11 @@ def _skinny_kernel(x_ptr, w_ptr, b_ptr, y_ptr, part_ptr, lock_ptr, M, N, K, k_sp
             if GATED:
                 _prefetch_l2(rows + up_off + cols)
         gdc_wait()  # x, and everything this grid writes, only after the previous grid is done
+    if NORM:
+        gi = tl.arange(0, GROUPS_IN)
+        ss = tl.load(ssq_in_ptr + rm[:, None] * tl.cdiv(K, 16) + gi[None, :],
+                     mask=(rm[:, None] < M) & (gi[None, :] * 16 < K), other=0.0)
+        rstd = tl.rsqrt(tl.sum(ss, 1) / K + eps)[:, None]
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
     acc_up = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
     for k in range(k_lo, k_hi, BLOCK_K):
@@ -89,12 +100,18 @@ def _skinny_kernel(x_ptr, w_ptr, b_ptr, y_ptr, part_ptr, lock_ptr, M, N, K, k_sp
             if GATED:
                 u = tl.load(w_ptrs + up_off)
             x = tl.load(x_ptrs, mask=rm[:, None] < M, other=0.0)
+            if NORM:
+                gw = tl.load(g_ptr + k + rk)
         else:
             km = k + rk < K
             w = tl.load(w_ptrs, mask=(rn[:, None] < N) & km[None, :], other=0.0)
             if GATED:
                 u = tl.load(w_ptrs + up_off, mask=(rn[:, None] < N) & km[None, :], other=0.0)
             x = tl.load(x_ptrs, mask=(rm[:, None] < M) & km[None, :], other=0.0)
+            if NORM:
+                gw = tl.load(g_ptr + k + rk, mask=km, other=0.0)
+        if NORM:  # weight * (x * rstd).to(dtype), as model.rms_norm
+            x = (gw.to(tl.float32)[None, :] * (x.to(tl.float32) * rstd).to(x.dtype).to(tl.float32)).to(x.dtype)
         acc = tl.dot(x, tl.trans(w), acc)
         if GATED:
             acc_up = tl.dot(x, tl.trans(u), acc_up)
@@ -128,7 +145,19 @@ def _skinny_kernel(x_ptr, w_ptr, b_ptr, y_ptr, part_ptr, lock_ptr, M, N, K, k_sp
         dtype = y_ptr.dtype.element_ty
         g = acc.to(dtype).to(tl.float32)
         acc = g * tl.sigmoid(g) * acc_up.to(dtype).to(tl.float32)
-    tl.store(y_ptr + tile, acc.to(y_ptr.dtype.element_ty), mask=mask)
+    if RESIDUAL:  # x = x + o_proj(o), both in the model's dtype; then the new x's sums of squares per 16 columns
+        out = (tl.load(res_ptr + tile, mask=mask, other=0.0).to(tl.float32)
+               + acc.to(y_ptr.dtype.element_ty).to(tl.float32)).to(y_ptr.dtype.element_ty)
+        sq = tl.where(mask, out.to(tl.float32) * out.to(tl.float32), 0.0)
+        grp = tl.sum(tl.reshape(sq, (BLOCK_M, BLOCK_N // 16, 16)), 2)
+        gcol = pid_n * (BLOCK_N // 16) + tl.arange(0, BLOCK_N // 16)
+        gmask = (rm[:, None] < M) & (gcol[None, :] * 16 < N)
+        if SPLIT:
+            gmask = gmask & last
+        tl.store(ssq_out_ptr + rm[:, None] * tl.cdiv(N, 16) + gcol[None, :], grp, mask=gmask)
+        tl.store(y_ptr + tile, out, mask=mask)
+    else:
+        tl.store(y_ptr + tile, acc.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 _LOCKS: dict[torch.device, torch.Tensor] = {}
@@ -193,10 +222,14 @@ def split_span(k: int, splits: int, block_k: int) -> int:
 
 
 def skinny_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, gated: bool = False,
-                  pdl: bool | None = None, **tune) -> torch.Tensor:
+                  pdl: bool | None = None, norm: tuple | None = None, residual: torch.Tensor | None = None,
+                  ssq_out: torch.Tensor | None = None, **tune) -> torch.Tensor:
     """x [M, K] @ w[N, K]^T (+ bias) on the GPU, in x's dtype with fp32 accumulation. gated: w [2I, K] holds
     the gate rows then the up rows (bias likewise), and the result is SwiGLU's silu(gate) * up [M, I]. `tune`
-    overrides `config`'s keywords (bench/gemm.py sweeps them)."""
+    overrides `config`'s keywords (bench/gemm.py sweeps them).
+    norm = (ssq [M, cdiv(K, 16)] float32, g [K], eps): the product is of RMSNorm(x) * g, with x's sums of
+    squares per 16 columns from the producer (engine/fused_decode.py). residual [M, N] (with ssq_out [M,
+    cdiv(N, 16)] float32, written): the result is residual + the product, and ssq_out its sums of squares."""
     m, k = x.shape
     n = w.shape[0]
     if w.shape[1] != k or w.stride(1) != 1 or (gated and n % 2):
@@ -215,10 +248,20 @@ def skinny_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = 
     part = torch.empty((1 + gated) * splits, m, n, device=x.device, dtype=torch.float32) if splits > 1 else y
     locks = arrival_counters(x.device, grid[0] * grid[1]) if splits > 1 else y
     pdl = (PDL if pdl is None else pdl) and x.is_cuda and _pdl_capable(x.device.index or 0)
+    if residual is not None and (residual.shape != (m, n) or not residual.is_contiguous() or ssq_out is None
+                                 or ssq_out.shape != (m, triton.cdiv(n, 16)) or bn % 16):
+        raise ValueError("skinny_linear: residual [M, N] contiguous, ssq_out [M, cdiv(N, 16)] and 16 | BLOCK_N expected")
+    ssq_in, g, eps = norm if norm is not None else (y, y, 0.0)
+    if norm is not None and (ssq_in.shape != (m, triton.cdiv(k, 16)) or g.shape != (k,)):
+        raise ValueError(f"skinny_linear: norm sums {tuple(ssq_in.shape)} / weight {tuple(g.shape)} for x {(m, k)}")
     _skinny_kernel[grid](x, w, bias if bias is not None else y, y, part, locks, m, n, k, k_span, splits,
-                         x.stride(0), w.stride(0), n * w.stride(0) if gated else 0, SPLIT=splits > 1,
-                         HAS_BIAS=bias is not None, EVEN=even, GATED=gated, PDL=pdl,
-                         LINE_ELEMS=LINE // x.element_size(), PF_LINES=max(1, bk * x.element_size() // LINE), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, **c,
+                         x.stride(0), w.stride(0), n * w.stride(0) if gated else 0, ssq_in, g, eps,
+                         residual if residual is not None else y, ssq_out if ssq_out is not None else y,
+                         SPLIT=splits > 1, HAS_BIAS=bias is not None, EVEN=even, GATED=gated, PDL=pdl,
+                         NORM=norm is not None, GROUPS_IN=triton.next_power_of_2(triton.cdiv(k, 16)),
+                         RESIDUAL=residual is not None,
+                         LINE_ELEMS=LINE // x.element_size(), PF_LINES=max(1, bk * x.element_size() // LINE),
+                         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, **c,
                          **({"launch_pdl": True} if pdl else {}))
     return y
 
