@@ -24,6 +24,7 @@ import triton
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.gemm import graph_ms  # noqa: E402
+from engine import triton_attention  # noqa: E402
 from engine.triton_attention import decode_attention, default_block_n, default_splits, default_stages  # noqa: E402
 
 
@@ -38,6 +39,8 @@ def main() -> int:
     ap.add_argument("--slots", type=int, default=1 << 20)
     ap.add_argument("--graph", type=int, default=0, help="1: time inside a CUDA graph (no launch overhead; "
                     "small batches are launch-bound otherwise)")
+    ap.add_argument("--row-programs", default="0", help="0: the engine's kernel, 1: the experiment's program per row "
+                    "and split over all KV heads (engine/triton_attention_rows.py); a list sweeps both")
     ap.add_argument("--out", required=True)
     a = ap.parse_args()
     hq, hkv, d, dev = 32, 8, 128, torch.device("cuda")
@@ -61,8 +64,10 @@ def main() -> int:
         k_new, v_new = kc[table[:, -1].long()].clone(), vc[table[:, -1].long()].clone()
         new_kv = lambda t: (k_new, v_new, t[:, -1].contiguous())  # noqa: E731
         ref = decode_attention(q, kc, vc, table=table, lens=lens, new_kv=new_kv(table))
-        for s, bn, w, st in itertools.product(*(map(int, x.split(",")) for x in (a.splits, a.block_n, a.warps, a.stages))):
-            def call(t, s=s, bn=bn, w=w, st=st):
+        for s, bn, w, st, rp in itertools.product(*(map(int, x.split(",")) for x in (a.splits, a.block_n, a.warps,
+                                                                                     a.stages, a.row_programs))):
+            def call(t, s=s, bn=bn, w=w, st=st, rp=rp):
+                triton_attention.ROW_PROGRAMS = bool(rp)  # read at launch (and so at capture)
                 return decode_attention(q, kc, vc, table=t, lens=lens, new_kv=new_kv(t), num_splits=s, block_n=bn,
                                         num_warps=w, num_stages=st)
             try:
@@ -72,21 +77,25 @@ def main() -> int:
                 else:
                     ms = triton.testing.do_bench(lambda: call(table))
             except Exception as e:  # out of shared memory for a tile shape: record it and go on
-                case["configs"].append({"splits": s, "block_n": bn, "warps": w, "stages": st, "error": str(e)[:120]})
+                case["configs"].append({"splits": s, "block_n": bn, "warps": w, "stages": st, "row_programs": rp,
+                                        "error": str(e)[:120]})
                 continue
-            case["configs"].append({"splits": s, "block_n": bn, "warps": w, "stages": st, "us": ms * 1e3,
-                                    "gbs": nbytes / ms / 1e6, "max_err": err})
+            case["configs"].append({"splits": s, "block_n": bn, "warps": w, "stages": st, "row_programs": rp,
+                                    "us": ms * 1e3, "gbs": nbytes / ms / 1e6, "max_err": err})
+        triton_attention.ROW_PROGRAMS = False
         ok = [c for c in case["configs"] if "us" in c]
         best = min(ok, key=lambda c: c["us"])
         kw = inspect.signature(decode_attention).parameters  # the engine's defaults, whatever they are now
         dflt_cfg = (case["default_splits"], default_block_n(rows, hkv), kw["num_warps"].default,
                     default_stages(rows, hkv))
-        dflt = next((c for c in ok if (c["splits"], c["block_n"], c["warps"], c["stages"]) == dflt_cfg), None)
+        dflt = next((c for c in ok if (c["splits"], c["block_n"], c["warps"], c["stages"]) == dflt_cfg
+                     and not c["row_programs"]), None)
         case["best"], case["default"] = best, dflt
         res["cases"].append(case)
         print(f"rows {rows} ctx {ctx}: copy {copy_gbs:.0f} GB/s | default {dflt and round(dflt['gbs'])} GB/s "
               f"({dflt and round(dflt['us'])} us) | best {best['gbs']:.0f} GB/s ({best['us']:.0f} us) "
-              f"splits {best['splits']} block_n {best['block_n']} warps {best['warps']} stages {best['stages']}",
+              f"splits {best['splits']} block_n {best['block_n']} warps {best['warps']} stages {best['stages']} "
+              f"row programs {best['row_programs']}",
               flush=True)
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(res, indent=1))

@@ -176,17 +176,19 @@ def bench_ours(model, args, res):
 def set_gemm(model, gemm: str) -> None:
     """--gemm: 'triton' = the engine's decode GEMM (engine/decode_linear.py), 'torch' = F.linear (cuBLAS);
     experiments (off by default): '-pdl' = the kernel with programmatic dependent launch, '-norm' = residual adds
-    and RMSNorms inside the GEMMs (engine/fused_decode.py), e.g. 'triton-pdl-norm'."""
-    from engine import fused_decode, triton_gemm
+    and RMSNorms inside the GEMMs (engine/fused_decode.py), '-rows' = decode attention with a program per row
+    over all KV heads (engine/triton_attention_rows.py), e.g. 'triton-pdl-norm'."""
+    from engine import fused_decode, triton_attention, triton_gemm
     from engine.decode_linear import decode_linear
 
     base, *mods = gemm.split("-")
-    if base not in ("triton", "torch") or not set(mods) <= {"pdl", "norm"}:
-        raise SystemExit(f"--gemm {gemm!r}: triton or torch, then optionally -pdl and/or -norm")
+    if base not in ("triton", "torch") or not set(mods) <= {"pdl", "norm", "rows"}:
+        raise SystemExit(f"--gemm {gemm!r}: triton or torch, then optionally -pdl, -norm, -rows")
     model.set_gemm(decode_linear)  # the same traced graph either way: the choice is made inside the op
     triton_gemm.MAX_ROWS = triton_gemm.DEFAULT_MAX_ROWS if base == "triton" else 0
     triton_gemm.PDL = "pdl" in mods  # experiment: programmatic dependent launch (engine/triton_gemm.py)
     fused_decode.ENABLED = "norm" in mods  # experiment: residual adds and norms in the GEMMs (recompiles the step)
+    triton_attention.ROW_PROGRAMS = "rows" in mods  # experiment: attention programs over all KV heads of a row
 
 
 def measure_decode(run, args, res, batches, weight_bytes, kv_token_bytes, tag) -> list[dict]:

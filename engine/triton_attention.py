@@ -198,6 +198,22 @@ def default_splits(rows: int, num_kv_heads: int, device: torch.device) -> int:
     return max(1, min(max_splits, triton.next_power_of_2(want)))
 
 
+# Experiment (branch exp/pdl-l2, not measured): decode steps over a padded slot table run
+# engine/triton_attention_rows.py (a program per row and split, all KV heads: 2-KB reads per slot).
+ROW_PROGRAMS = False
+
+
+def row_splits(rows: int, device: torch.device) -> int:
+    """Splits for the row kernel: two programs per SM (at most 16 splits)."""
+    sms = 8  # the Triton interpreter on CPU tensors
+    if device.type == "cuda":
+        idx = device.index if device.index is not None else torch.cuda.current_device()
+        if idx not in _NUM_SMS:
+            _NUM_SMS[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+        sms = _NUM_SMS[idx]
+    return max(1, min(16, triton.next_power_of_2(-(-2 * sms // rows))))
+
+
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, *,
                      indptr: torch.Tensor | None = None, indices: torch.Tensor | None = None,
                      table: torch.Tensor | None = None, lens: torch.Tensor | None = None,
@@ -224,6 +240,14 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     out = torch.empty_like(q) if out is None else out
     if r == 0:
         return out
+    if ROW_PROGRAMS and padded:  # the experiment: a program per (row, split) over all KV heads
+        from engine import triton_attention_rows as tar
+
+        if tar.supported(q, k_cache):
+            splits = num_splits or row_splits(r, q.device)
+            return tar.decode_attention_rows(q, k_cache, v_cache, table, lens, rows, new_kv, splits, out,
+                                             **{k: v for k, v in (("block_n", block_n), ("num_stages", num_stages))
+                                                if v})
     if new_kv is not None:
         k_new, v_new, new_slots = new_kv
         k_new, v_new = k_new.reshape(r, hkv * d), v_new.reshape(r, hkv * d)

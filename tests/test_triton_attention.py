@@ -285,3 +285,30 @@ def test_llm_cuda_graphs_match_eager(tmp_path, dtype):
         assert n >= min(len(ia), len(ib), a.prompt_len + 16)
         torch.testing.assert_close(torch.tensor(a.lps()[:n]), torch.tensor(b.lps()[:n]), rtol=tol, atol=tol,
                                    equal_nan=True)
+
+
+@pytest.mark.parametrize("rows,splits", [(1, None), (64, 1), (64, 2), (256, None)])
+def test_row_programs_match_the_head_programs(rows, splits, monkeypatch):
+    """The experiment's kernel (a program per row and split over all KV heads, `ROW_PROGRAMS`) against the
+    engine's, bf16, with the fused KV write: same outputs within bf16 accumulation order, same cache writes."""
+    from engine import triton_attention
+    from engine.triton_attention import decode_attention
+
+    g = torch.Generator(device="cuda").manual_seed(rows)
+    slots, hkv, d = 20000, 8, 128
+    kc = torch.randn(slots, hkv, d, device="cuda", generator=g).bfloat16()
+    vc = torch.randn(slots, hkv, d, device="cuda", generator=g).bfloat16()
+    q = torch.randn(rows, 32, d, device="cuda", generator=g).bfloat16()
+    table = torch.randperm(slots, device="cuda", generator=g)[:rows * 300].view(rows, 300).int()
+    lens = torch.randint(1, 301, (rows,), device="cuda", generator=g).int()
+    new = torch.gather(table, 1, (lens - 1).long()[:, None])[:, 0].contiguous()
+    kn = torch.randn(rows, hkv, d, device="cuda", generator=g).bfloat16()
+    vn = torch.randn(rows, hkv, d, device="cuda", generator=g).bfloat16()
+    outs = []
+    for on in (False, True):
+        monkeypatch.setattr(triton_attention, "ROW_PROGRAMS", on)
+        k2, v2 = kc.clone(), vc.clone()
+        outs.append((decode_attention(q, k2, v2, table=table, lens=lens, new_kv=(kn, vn, new), num_splits=splits),
+                     k2, v2))
+    torch.testing.assert_close(outs[1][0], outs[0][0], rtol=2e-2, atol=2e-2)
+    assert torch.equal(outs[1][1], outs[0][1]) and torch.equal(outs[1][2], outs[0][2])
