@@ -145,6 +145,9 @@ def sampling_logprobs(logits: torch.Tensor, temperature: torch.Tensor, top_k: to
     return filtered_logprobs(x, torch.where(hot, top_k, 0), torch.where(hot, top_p, 1.0))
 
 
+FUSED = True  # False: the torch passes on the GPU too (a benchmark's baseline)
+
+
 def row_params(p: SamplingParams, penalty: float) -> tuple:
     """One row's parameters as `draw` reads them: (temperature, top_p, top_k, penalty, hot), greedy rows
     with temperature 1 and no filters (their law is the unfiltered T=1 one)."""
@@ -155,7 +158,13 @@ def row_params(p: SamplingParams, penalty: float) -> tuple:
 def draw(x: torch.Tensor, f: torch.Tensor, f_host: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
     """(tokens int64 [B], logprobs float32 [B]) from penalised float logits x [B, V]. f float32 [6, B] on x's
     device, f_host the same on the host: rows of `row_params` (temperature, top_p, top_k, penalty, hot), then
-    the uniforms. Work no row needs (temperature, filters, sampling, argmax) is skipped on the host's word."""
+    the uniforms. Work no row needs (temperature, filters, sampling, argmax) is skipped on the host's word.
+    On a GPU, rows without top-k / top-p filters take two fused kernels (engine/triton_sampling.py) instead of
+    the [B, V] log-softmax, exp and cumsum passes."""
+    if FUSED and x.is_cuda and x.stride(1) == 1 and not (f_host[2] > 0).any() and not (f_host[1] < 1).any():
+        from engine.triton_sampling import inverse_cdf_sample
+
+        return inverse_cdf_sample(x, f[0], f[4], f[5])
     if (f_host[0] != 1).any():
         x = x / f[0][:, None]
     logp = filtered_logprobs(x, f[2], f[1], bool((f_host[2] > 0).any()), bool((f_host[1] < 1).any()))

@@ -119,3 +119,100 @@ def gumbel_sample(logits: torch.Tensor, temperature: torch.Tensor, seed: torch.T
     _merge_kernel[(b,)](logits, temperature, part[0], part[1], part[2], idx, tokens, logprobs, logits.stride(0),
                         NCHUNK=nchunk, BLOCK_C=max(16, triton.next_power_of_2(nchunk)), num_warps=1)
     return tokens, logprobs
+
+
+@triton.jit
+def _cdf_chunk_kernel(x_ptr, t_ptr, m_ptr, s_ptr, r_ptr, i_ptr, V, stride_x,
+                      CHUNK: tl.constexpr, BLOCK: tl.constexpr, NCHUNK: tl.constexpr):
+    """Per (row, chunk) of x / T: the online max and sum-exp, and the chunk's first argmax."""
+    row = tl.program_id(0)
+    chunk = tl.program_id(1)
+    inv_t = 1.0 / tl.load(t_ptr + row)
+    m = tl.full((BLOCK,), float("-inf"), tl.float32)
+    s = tl.zeros((BLOCK,), tl.float32)
+    best = tl.full((BLOCK,), float("-inf"), tl.float32)
+    best_i = tl.zeros((BLOCK,), tl.int32)
+    lane = tl.arange(0, BLOCK)
+    for start in range(chunk * CHUNK, chunk * CHUNK + CHUNK, BLOCK):
+        m, s, best, best_i = _lanes(x_ptr, row, start + lane, V, stride_x, inv_t, 0.0, m, s, best, best_i, False)
+    mc = tl.max(m, 0)
+    o = row * NCHUNK + chunk
+    tl.store(m_ptr + o, mc)
+    tl.store(s_ptr + o, tl.sum(s * tl.exp(tl.where(m > float("-inf"), m - mc, float("-inf"))), 0))
+    bc = tl.max(best, 0)
+    tl.store(r_ptr + o, bc)
+    tl.store(i_ptr + o, tl.min(tl.where(best == bc, best_i, 2147483647), 0))
+
+
+@triton.jit
+def _cdf_pick_kernel(x_ptr, t_ptr, hot_ptr, u_ptr, m_ptr, s_ptr, r_ptr, i_ptr, tok_ptr, lp_ptr, V, stride_x,
+                     CHUNK: tl.constexpr, BLOCK: tl.constexpr, NCHUNK: tl.constexpr, BLOCK_C: tl.constexpr):
+    """One program per row: the log-sum-exp from the chunks; a hot row finds the chunk where the running mass
+    passes u * total and walks it for the first column whose inclusive cumulative mass exceeds it (torch's
+    searchsorted(cdf, u * cdf[-1], right=True)); a greedy row takes the first argmax."""
+    row = tl.program_id(0)
+    c = tl.arange(0, BLOCK_C)
+    ok = c < NCHUNK
+    o = row * NCHUNK + c
+    m = tl.load(m_ptr + o, mask=ok, other=float("-inf"))
+    s = tl.load(s_ptr + o, mask=ok, other=0.0)
+    mm = tl.max(m, 0)
+    w = tl.where(m > float("-inf"), s * tl.exp(m - mm), 0.0)  # each chunk's mass, relative to exp(mm)
+    total = tl.sum(w, 0)
+    inv_t = 1.0 / tl.load(t_ptr + row)
+    if tl.load(hot_ptr + row) > 0:
+        target = tl.load(u_ptr + row) * total
+        cum = tl.cumsum(w, 0)
+        first = tl.min(tl.where((cum > target) & ok, c, BLOCK_C), 0)
+        # rounding can leave the target at or above the last chunk's running sum: the last chunk with mass
+        cstar = tl.where(first < BLOCK_C, first, tl.max(tl.where(w > 0, c, 0), 0))
+        run = tl.sum(tl.where(c < cstar, w, 0.0), 0)
+        tok = V + 0  # loop-carried as int32 scalars
+        last = V * 0
+        lane = tl.arange(0, BLOCK)
+        for start in range(0, CHUNK, BLOCK):
+            col = cstar * CHUNK + start + lane
+            inside = col < V
+            x = tl.load(x_ptr + row.to(tl.int64) * stride_x + col, mask=inside, other=float("-inf"))
+            p = tl.where(inside, tl.exp(x.to(tl.float32) * inv_t - mm), 0.0)
+            cc = run + tl.cumsum(p, 0)
+            tok = tl.minimum(tok, tl.min(tl.where((cc > target) & inside, col, V), 0))
+            last = tl.maximum(last, tl.max(tl.where(p > 0, col, 0), 0))
+            run += tl.sum(p, 0)
+        tok = tl.where(tok < V, tok, last)
+    else:
+        r = tl.load(r_ptr + o, mask=ok, other=float("-inf"))
+        tok = tl.min(tl.where(r == tl.max(r, 0), tl.load(i_ptr + o, mask=ok, other=2147483647), 2147483647), 0)
+    x = tl.load(x_ptr + row.to(tl.int64) * stride_x + tok).to(tl.float32) * inv_t
+    tl.store(tok_ptr + row, tok.to(tl.int64))
+    tl.store(lp_ptr + row, x - mm - tl.log(total))
+
+
+def inverse_cdf_sample(logits: torch.Tensor, temperature: torch.Tensor, hot: torch.Tensor, u: torch.Tensor,
+                       block: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """`engine.sampler.draw` without filters in two launches: logits [B, V] float32 (unit column stride),
+    temperature [B] (> 0; greedy rows 1), hot [B] (> 0: sample, else argmax), u [B] uniforms in [0, 1).
+    Returns (tokens int64 [B], logprobs float32 [B] under softmax(logits / T)). The cumulative sums run in
+    another order than torch's cumsum, so a uniform within float rounding of a token boundary may pick the
+    neighbour torch would not; everywhere else the token is torch's."""
+    b, v = logits.shape
+    if logits.stride(1) != 1 or not (temperature.shape == hot.shape == u.shape == (b,)):
+        raise ValueError(f"inverse_cdf_sample: logits {tuple(logits.shape)} (stride {logits.stride()}) with "
+                         f"temperature {tuple(temperature.shape)}, hot {tuple(hot.shape)}, u {tuple(u.shape)}")
+    dev = logits.device
+    tokens = torch.empty(b, dtype=torch.long, device=dev)
+    logprobs = torch.empty(b, dtype=torch.float32, device=dev)
+    if b == 0:
+        return tokens, logprobs
+    # a few waves of (row, chunk) programs for the reduction; the one walk per row covers a single chunk
+    nchunk = max(1, min(triton.cdiv(v, 8 * block), triton.cdiv(1024, b)))
+    chunk = triton.cdiv(triton.cdiv(v, nchunk), block) * block
+    nchunk = triton.cdiv(v, chunk)
+    part = torch.empty(3, b * nchunk, dtype=torch.float32, device=dev)
+    idx = torch.empty(b * nchunk, dtype=torch.int32, device=dev)
+    _cdf_chunk_kernel[(b, nchunk)](logits, temperature, part[0], part[1], part[2], idx, v, logits.stride(0),
+                                   CHUNK=chunk, BLOCK=block, NCHUNK=nchunk, num_warps=4)
+    _cdf_pick_kernel[(b,)](logits, temperature, hot, u, part[0], part[1], part[2], idx, tokens, logprobs, v,
+                           logits.stride(0), CHUNK=chunk, BLOCK=block, NCHUNK=nchunk,
+                           BLOCK_C=max(16, triton.next_power_of_2(nchunk)), num_warps=4)
+    return tokens, logprobs
