@@ -33,6 +33,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import engine.llm as llm_mod  # noqa: E402
+import engine.sampler as sampler_mod  # noqa: E402
 from engine.model import CausalLM, ModelArgs  # noqa: E402
 from engine.npr_state import Request  # noqa: E402
 from engine.scheduler import Scheduler  # noqa: E402
@@ -218,6 +219,8 @@ def main(argv=None) -> int:
                     "(joins on different forwards)")
     ap.add_argument("--split-headers", type=int, default=-1, help="engine.llm.SPLIT_HEADERS for this run "
                     "(-1: the engine's; 0: headers whole, which makes their forwards eager)")
+    ap.add_argument("--fused-sampler", type=int, default=1, help="engine.sampler.FUSED: 1 (the engine's) fused "
+                    "inverse-CDF kernels for unfiltered rows on a GPU, 0 the torch passes")
     ap.add_argument("--slots", type=int, default=65536)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--device", default="cpu", help="cuda: Triton attention (+ CUDA graphs with --graphs 1)")
@@ -230,6 +233,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.split_headers >= 0:
         llm_mod.SPLIT_HEADERS = args.split_headers
+    sampler_mod.FUSED = bool(args.fused_sampler)
     torch.set_num_threads(args.threads)
     tok = load_tokenizer()
     out = []
