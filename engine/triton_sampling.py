@@ -1,4 +1,5 @@
-"""Fused GPU sampling for the CUDA-graph decode step: one read of the logits, no [B, V] temporaries.
+"""Fused GPU sampling: one read of the logits, no [B, V] temporaries. `gumbel_sample` for the CUDA-graph
+decode step; `inverse_cdf_sample` for the engine loop's `BatchSampler` (its counter-based uniforms, at the end).
 
 Gumbel-max over softmax(logits / T): token = argmax(logits / T - log(-log u)), u uniform from Philox keyed by
 a seed read from device memory (a graph replay draws fresh numbers when the seed tensor is bumped inside the
@@ -36,19 +37,23 @@ def _lanes(x_ptr, row, col, V, stride_x, inv_t, u, m, s, best, best_i, HOT: tl.c
 
 @triton.jit
 def _chunk_kernel(x_ptr, t_ptr, seed_ptr, m_ptr, s_ptr, r_ptr, i_ptr, V, stride_x,
-                  CHUNK: tl.constexpr, BLOCK: tl.constexpr, NCHUNK: tl.constexpr):
+                  CHUNK: tl.constexpr, BLOCK: tl.constexpr, NCHUNK: tl.constexpr, RACE: tl.constexpr):
+    """Per (row, chunk) of x / T: the online max and sum-exp, and the best race (RACE and T > 0: Gumbel-max,
+    seeded from seed_ptr) or the first argmax."""
     row = tl.program_id(0)
     chunk = tl.program_id(1)
     t = tl.load(t_ptr + row)
-    hot = t > 0
-    inv_t = tl.where(hot, 1.0 / tl.where(hot, t, 1.0), 1.0)
-    seed = tl.load(seed_ptr)
+    inv_t = tl.where(t > 0, 1.0 / tl.where(t > 0, t, 1.0), 1.0)
+    hot = False  # without RACE the race's code is not compiled (and seed_ptr not read)
+    if RACE:
+        hot = t > 0
     m = tl.full((BLOCK,), float("-inf"), tl.float32)
     s = tl.zeros((BLOCK,), tl.float32)
     best = tl.full((BLOCK,), float("-inf"), tl.float32)
     best_i = tl.zeros((BLOCK,), tl.int32)
     lane = tl.arange(0, BLOCK)
     if hot:
+        seed = tl.load(seed_ptr)
         for start in range(chunk * CHUNK, chunk * CHUNK + CHUNK, 4 * BLOCK):
             # one Philox evaluation gives the uniforms of 4 columns; counters are unique per (row, column < V)
             u0, u1, u2, u3 = tl.rand4x(seed, row.to(tl.int64) * tl.cdiv(V, 4 * BLOCK) * BLOCK + start // 4 + lane)
@@ -115,33 +120,10 @@ def gumbel_sample(logits: torch.Tensor, temperature: torch.Tensor, seed: torch.T
     part = torch.empty(3, b * nchunk, dtype=torch.float32, device=dev)
     idx = torch.empty(b * nchunk, dtype=torch.int32, device=dev)
     _chunk_kernel[(b, nchunk)](logits, temperature, seed, part[0], part[1], part[2], idx, v, logits.stride(0),
-                               CHUNK=chunk, BLOCK=block, NCHUNK=nchunk, num_warps=4)
+                               CHUNK=chunk, BLOCK=block, NCHUNK=nchunk, RACE=True, num_warps=4)
     _merge_kernel[(b,)](logits, temperature, part[0], part[1], part[2], idx, tokens, logprobs, logits.stride(0),
                         NCHUNK=nchunk, BLOCK_C=max(16, triton.next_power_of_2(nchunk)), num_warps=1)
     return tokens, logprobs
-
-
-@triton.jit
-def _cdf_chunk_kernel(x_ptr, t_ptr, m_ptr, s_ptr, r_ptr, i_ptr, V, stride_x,
-                      CHUNK: tl.constexpr, BLOCK: tl.constexpr, NCHUNK: tl.constexpr):
-    """Per (row, chunk) of x / T: the online max and sum-exp, and the chunk's first argmax."""
-    row = tl.program_id(0)
-    chunk = tl.program_id(1)
-    inv_t = 1.0 / tl.load(t_ptr + row)
-    m = tl.full((BLOCK,), float("-inf"), tl.float32)
-    s = tl.zeros((BLOCK,), tl.float32)
-    best = tl.full((BLOCK,), float("-inf"), tl.float32)
-    best_i = tl.zeros((BLOCK,), tl.int32)
-    lane = tl.arange(0, BLOCK)
-    for start in range(chunk * CHUNK, chunk * CHUNK + CHUNK, BLOCK):
-        m, s, best, best_i = _lanes(x_ptr, row, start + lane, V, stride_x, inv_t, 0.0, m, s, best, best_i, False)
-    mc = tl.max(m, 0)
-    o = row * NCHUNK + chunk
-    tl.store(m_ptr + o, mc)
-    tl.store(s_ptr + o, tl.sum(s * tl.exp(tl.where(m > float("-inf"), m - mc, float("-inf"))), 0))
-    bc = tl.max(best, 0)
-    tl.store(r_ptr + o, bc)
-    tl.store(i_ptr + o, tl.min(tl.where(best == bc, best_i, 2147483647), 0))
 
 
 @triton.jit
@@ -210,8 +192,8 @@ def inverse_cdf_sample(logits: torch.Tensor, temperature: torch.Tensor, hot: tor
     nchunk = triton.cdiv(v, chunk)
     part = torch.empty(3, b * nchunk, dtype=torch.float32, device=dev)
     idx = torch.empty(b * nchunk, dtype=torch.int32, device=dev)
-    _cdf_chunk_kernel[(b, nchunk)](logits, temperature, part[0], part[1], part[2], idx, v, logits.stride(0),
-                                   CHUNK=chunk, BLOCK=block, NCHUNK=nchunk, num_warps=4)
+    _chunk_kernel[(b, nchunk)](logits, temperature, idx, part[0], part[1], part[2], idx, v, logits.stride(0),
+                               CHUNK=chunk, BLOCK=block, NCHUNK=nchunk, RACE=False, num_warps=4)
     _cdf_pick_kernel[(b,)](logits, temperature, hot, u, part[0], part[1], part[2], idx, tokens, logprobs, v,
                            logits.stride(0), CHUNK=chunk, BLOCK=block, NCHUNK=nchunk,
                            BLOCK_C=max(16, triton.next_power_of_2(nchunk)), num_warps=4)
