@@ -31,9 +31,11 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.append(str(Path(__file__).resolve().parent))  # siblings (gpu_clocks), after the repo: bench/engine.py is not `engine`
 from engine.cuda_graphs import DecodeGraphs, sample  # noqa: E402
 from engine.model import CausalLM, ModelArgs  # noqa: E402
 from engine.triton_attention import store_kv  # noqa: E402
+from gpu_clocks import GpuClocks  # noqa: E402
 
 QWEN3_4B = dict(model_type="qwen3", vocab_size=151936, hidden_size=2560, intermediate_size=9728,
                 num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
@@ -193,7 +195,8 @@ def measure_decode(run, args, res, batches, weight_bytes, kv_token_bytes, tag) -
         with torch.inference_mode():
             t_pre = timed(lambda: run.model(prompts.flatten(), torch.arange(args.prompt, device="cuda").repeat(b),
                                             Prefill(k_cache, v_cache, run.perm[:b * args.prompt].int(), b, args.prompt)))
-        t_all = timed(lambda: run.generate(prompts, 1, args.new, 0.0))
+        with GpuClocks() as clocks:  # the loop runs for seconds: did it hold the clocks a short burst gets?
+            t_all = timed(lambda: run.generate(prompts, 1, args.new, 0.0))
         t_dec = run.decode_ms() * 1e-3
         steps = args.new - 1
         nbytes = decode_bytes(weight_bytes, kv_token_bytes, b, args.prompt, steps)
@@ -201,7 +204,7 @@ def measure_decode(run, args, res, batches, weight_bytes, kv_token_bytes, tag) -
         rows.append(dict(batch=b, e2e_tok_s=b * args.new / t_all, decode_tok_s=b * steps / t_dec,
                          step_ms=1e3 * t_dec / steps, roofline_tok_s=b * steps / roof_t,
                          roofline_frac=roof_t / t_dec, prefill_s=t_pre, total_s=t_all,
-                         step_ms_by_subtraction=1e3 * (t_all - t_pre) / steps))
+                         step_ms_by_subtraction=1e3 * (t_all - t_pre) / steps, **clocks.summary()))
         print(f"ours ({tag} GEMMs) b={b}: {rows[-1]}", flush=True)
     return rows
 
@@ -278,19 +281,20 @@ def profile_step(g: DecodeGraphs, b: int, out_dir: str) -> list:
     total = sum(e.device_time_total for e in ev)
     reps = 100  # back to back, unprofiled: against the summed kernel time, the gaps inside the graph
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(reps):
-        g.replay(b)
-    end.record()
-    end.synchronize()
+    with GpuClocks() as clocks:
+        start.record()
+        for _ in range(reps):
+            g.replay(b)
+        end.record()
+        end.synchronize()
     replay_ms = start.elapsed_time(end) / reps
     top = [dict(name=e.key[:90], ms_per_step=e.device_time_total / 5e3, calls_per_step=e.count / 5,
                 share=e.device_time_total / total) for e in ev[:15]]
-    print(f"profile b={b}: {total / 5e3:.2f} ms/step of GPU time; {replay_ms:.2f} ms per replay, {reps} back to back",
-          flush=True)
+    print(f"profile b={b}: {total / 5e3:.2f} ms/step of GPU time; {replay_ms:.2f} ms per replay, {reps} back to back"
+          f" {clocks.summary()}", flush=True)
     for t in top:
         print(f"  {t['share']:6.1%} {t['ms_per_step']:7.3f} ms {t['calls_per_step']:6.0f}x  {t['name']}", flush=True)
-    return [dict(name="replay (back to back)", ms_per_step=replay_ms), *top]
+    return [dict(name="replay (back to back)", ms_per_step=replay_ms, **clocks.summary()), *top]
 
 
 def bench_hf(model, args, res, save):
