@@ -33,7 +33,7 @@ class GpuClocks:
         q = self._query() if shutil.which("nvidia-smi") else None
         if q is not None:
             self.proc = subprocess.Popen(["nvidia-smi", f"--id={self.gpu}", f"--query-gpu={q}",
-                                          "--format=csv,noheader,nounits", f"-lms={self.every_ms}"],
+                                          "--format=csv,noheader,nounits", f"--loop-ms={self.every_ms}"],
                                          stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
         return self
 

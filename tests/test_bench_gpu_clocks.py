@@ -13,7 +13,7 @@ spec.loader.exec_module(gpu_clocks)
 
 FAKE = """#!/bin/sh
 case "$*" in *clocks_event_reasons*) echo "Field is not a valid field to query." >&2; exit 2;; esac
-case "$*" in *-lms=*) ;; *) echo "1980, 100.00, 0x0000000000000001"; exit 0;; esac
+case "$*" in *--loop-ms=*) ;; *) echo "1980, 100.00, 0x0000000000000001"; exit 0;; esac
 i=0
 while true; do
   if [ $((i % 2)) -eq 0 ]; then echo "1980, 600.00, 0x0000000000000000"; else echo "1600, 700.00, 0x0000000000000004"; fi
