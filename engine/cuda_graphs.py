@@ -195,12 +195,15 @@ class DecodeGraphs:
         g.replay() if g is not None else self._step(b)
 
     # host -> device: one copy of every row's inputs, one of the table patches ---------------------
-    def _launch(self, n: int, rows: list[int], patches: tuple[list, list, list]) -> torch.Tensor:
-        """rows: (id, pos, slot, len, table row) of the n real rows, flat; patches: table (rows, cols, slots)."""
+    def _launch(self, n: int, rows: list[int], patches: tuple[list, list, list], fed=None) -> torch.Tensor:
+        """rows: (id, pos, slot, len, table row) of the n real rows, flat; patches: table (rows, cols, slots);
+        fed: the rows' ids as a device tensor instead (a step launched before the host knows them)."""
         host = np.empty((5, self.max_batch), dtype=np.int64)
         host[:, :n] = np.array(rows, dtype=np.int64).reshape(n, 5).T
         host[:, n:] = np.array([0, 0, -1, 0, self.scratch])[:, None]  # padding rows
         self.inputs.copy_(torch.from_numpy(host), non_blocking=True)
+        if fed is not None:
+            self.ids[:n].copy_(fed)
         if patches[0]:
             p = torch.from_numpy(np.array(patches, dtype=np.int32)).to(self.table.device, non_blocking=True)
             self.table[p[0], p[1]] = p[2]
@@ -233,12 +236,14 @@ class DecodeGraphs:
                 self.free.append(self.row_of.pop(key)[0])
         return self.free.pop()
 
-    def run_items(self, items, slots: dict[int, list[int]]) -> torch.Tensor:
+    def run_items(self, items, slots: dict[int, list[int]], fed: torch.Tensor | None = None) -> torch.Tensor:
         """The engine's decode step over scheduler items (one token each; `Item.kvs`, `Item.length`; `slots`:
         the KV store's segment -> slots). A branch keeps its table row across steps: the row is written whole
         only when the branch is new to the table or its KV segments changed (fork, join, preemption); tokens
         it added in eager steps since its last graph step are patched in; the new slot the replay appends
-        itself. Returns logits [n, V] (a view of the graph's output, valid until the next replay)."""
+        itself. fed: item i's input token is fed[i] on the device, at the position after its segment's last
+        known one (`LLM`'s step ahead: the token the previous step draws). Returns logits [n, V] (a view of the
+        graph's output, valid until the next replay)."""
         self.step += 1
         step, row_of = self.step, self.row_of
         pr, pc, ps = [], [], []
@@ -267,5 +272,14 @@ class DecodeGraphs:
                 pc += range(n_anc + e[3], n_anc + n_own - 1)
                 ps += own[e[3]:n_own - 1]
             e[3], e[4] = n_own, step
-            rows += (seg.tokens[start], seg.positions[start], own[start], length, e[0])
-        return self._launch(len(items), rows, (pr, pc, ps))
+            if fed is None:
+                rows += (seg.tokens[start], seg.positions[start], own[start], length, e[0])
+            else:
+                rows += (0, seg.positions[start - 1] + 1, own[start], length, e[0])
+        return self._launch(len(items), rows, (pr, pc, ps), fed)
+
+    def forget_last(self, req, seg: int, n_own: int) -> None:
+        """A step ahead's token was given back (`LLM`): the branch's table row holds n_own own slots again."""
+        e = self.row_of.get((req.rid, seg))
+        if e is not None:
+            e[3] = min(e[3], n_own)

@@ -66,6 +66,14 @@ class KVStore:
                 slots[sid].extend(new[i:i + n])
             i += n
 
+    def shrink(self, sid: int, n: int) -> None:
+        """Give the last n slots of segment `sid` back to the pool (they are handed out first again)."""
+        slots = self.slots[sid]
+        if not 0 <= n <= len(slots):
+            raise ValueError(f"segment {sid} holds {len(slots)} slots, cannot give back {n}")
+        self._free.extend(reversed(slots[len(slots) - n:]))
+        del slots[len(slots) - n:]
+
     def share(self, sids) -> None:
         for sid in sids:
             if self.refs.get(sid, 0) <= 0:

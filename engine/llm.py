@@ -24,7 +24,7 @@ from engine.kv_store import KVStore
 from engine.npr_state import Limits, Request
 from engine.paged_attention import PagedAttention
 from engine.sampler import BatchSampler, SamplingParams
-from engine.scheduler import Scheduler, independent
+from engine.scheduler import Item, Scheduler, independent
 from npr_async.config import EngineConfig
 from npr_async.messages import Trajectory
 from npr_async.tags import JOIN_HEADER, TagIds, step_header
@@ -32,6 +32,11 @@ from npr_async.tags import JOIN_HEADER, TagIds, step_header
 # Forced headers (`\n<step>\nK:`, the takeaway's) are a few tokens; extends up to this long that are not prompt
 # chunks are fed one token per forward when CUDA graphs are on (Scheduler.split_headers).
 SPLIT_HEADERS = 16
+
+# With CUDA graphs, a step in which every row decodes launches the next step of the same rows before its tokens
+# reach the host (fed on the device), so the GPU runs it while the host takes step N's transitions; rows whose
+# next input is not their drawn token (a tag's transition, a finish) drop the step-ahead token (docs/engine.md).
+STEP_AHEAD = False
 
 _tokens, _context_len = attrgetter("n"), attrgetter("length")  # of a scheduler Item, read per row in C
 
@@ -148,7 +153,7 @@ class LLM:
                 req.seed = (p.seed if p.seed is not None else self._seeds.getrandbits(62)) + s
                 reqs.append(req)
                 sched.add(req)
-        self._busy, self._graph_steps = True, 0
+        self._busy, self._graph_steps, self._steps_ahead = True, 0, 0
         self.sampler.reset()
         if self.graphs is not None:
             self.graphs.reset_rows()
@@ -156,12 +161,11 @@ class LLM:
             forwards = 0
             while not sched.done():
                 items = sched.schedule()  # empty once the last requests finished
-                self._step(items)
-                forwards += bool(items)
+                forwards += self._step(items)
             sched.retire()
         finally:
             self._busy = False
-        self.last_stats = {"forwards": forwards, "graph_steps": self._graph_steps,
+        self.last_stats = {"forwards": forwards, "graph_steps": self._graph_steps, "steps_ahead": self._steps_ahead,
                            "preemptions": sched.num_preemptions}
         self.last_requests = reqs  # tests: per-request engine state (e.g. suppressed forks)
         return [self._trajectory(r) for r in reqs]
@@ -179,9 +183,11 @@ class LLM:
             raise ValueError(f"prompt {i}: must be non-empty token ids in 0..{vocab - 1}")
         return ids
 
-    def _step(self, items) -> None:
+    def _step(self, items) -> int:
+        """Run the items' forward, sample, take the transitions; returns the forwards run (0, 1, or 2 with a
+        step ahead)."""
         if not items:
-            return
+            return 0
         graphs = self._graphs_for(items)
         sampling = [i for i, it in enumerate(items) if it.sample is not None]
         todo = [items[i] for i in sampling]
@@ -193,8 +199,19 @@ class LLM:
         else:
             logits = self._forward(items)
         if not todo:
-            return
-        tokens, logprobs = self.sampler(logits, todo)
+            return 1
+        fed, out = self.sampler.launch(logits, todo)
+        ahead = None
+        if STEP_AHEAD and graphs is not None and len(todo) == len(items):  # every row decodes
+            ahead = self._launch_ahead(items, graphs, fed)
+        tokens, logprobs = self.sampler.collect(out)
+        self._take(todo, tokens, logprobs)
+        if ahead is not None:
+            self._take_ahead(*ahead, tokens)
+        return 1 + (ahead is not None)
+
+    def _take(self, todo, tokens: list[int], logprobs: list[float]) -> None:
+        """Each sampled token's transition, in the items' order; sampler rows of branches done go back."""
         for it, t, lp in zip(todo, tokens, logprobs):
             it.req.on_sampled(it.sample, t, lp)
         for it in todo:  # table rows of branches that will not sample again go back
@@ -202,6 +219,40 @@ class LLM:
                 self.sampler.release((it.sample, *it.req.branches))
             elif it.sample.state == "done":
                 self.sampler.release((it.sample,))
+
+    def _launch_ahead(self, items, graphs, fed: torch.Tensor):
+        """Step N+1 of a decode-only graph step N, launched before N's tokens are read: each row decodes the
+        token N draws (`fed`, on the device) at the next position, into one more slot of its segment, and
+        draws the token after it. None when the pool or the graphs' table could not hold it."""
+        if self.kv.num_free < 2 * len(items) or max(map(_context_len, items)) >= graphs.max_context:
+            return None  # (2x: the step after needs as many slots, which the scheduler would otherwise preempt for)
+        nxt = [Item(it.req, it.seg, it.start + 1, 1, it.sample, it.kvs, it.length + 1) for it in items]
+        self.kv.extend_many([(it.kvs[-1], 1) for it in items])
+        for it in items:
+            it.req.segs[it.seg].cached += 1
+        logits = graphs.run_items(nxt, self.kv.slots, fed=fed)
+        self._graph_steps += 1
+        self._steps_ahead += 1
+        return nxt, self.sampler.launch(logits, nxt, ahead=1)[1]
+
+    def _take_ahead(self, nxt, out: torch.Tensor, fed: list[int]) -> None:
+        """Keep what the step ahead computed where step N's transitions agree with it: the K/V of a fed token
+        that is now the segment's next token, and the drawn token of a branch that decodes on from it (what
+        the next step would have drawn: the same logits and the same uniform, keyed by position). Otherwise
+        the slot goes back, and the drawn token is dropped."""
+        tokens, logprobs = self.sampler.collect(out)
+        keep = []
+        for it, t_fed, t, lp in zip(nxt, fed, tokens, logprobs):
+            req, b = it.req, it.sample
+            seg = req.segs[it.seg]
+            if len(seg.tokens) <= it.start or seg.tokens[it.start] != t_fed:  # e.g. its request finished first
+                seg.cached -= 1
+                self.kv.shrink(it.kvs[-1], 1)
+                self.graphs.forget_last(req, it.seg, it.start)
+            elif req.finish_reason is None and b.state == "run" and b.seg == it.seg and len(seg.tokens) == it.start + 1:
+                keep.append((it, t, lp))
+        if keep:
+            self._take(*map(list, zip(*keep)))
 
     def _forward(self, items) -> torch.Tensor | None:
         """An eager forward (prompt chunks, forced headers, or graphs off): logits of the rows that sample."""

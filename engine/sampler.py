@@ -258,13 +258,25 @@ class BatchSampler:
 
     def __call__(self, logits: torch.Tensor, todo) -> tuple[list[int], list[float]]:
         """Sample row i of float logits [len(todo), V] (changed in place) for todo[i].sample of todo[i].req."""
+        return self.collect(self.launch(logits, todo)[1])
+
+    @staticmethod
+    def collect(out: torch.Tensor) -> tuple[list[int], list[float]]:
+        """Tokens and logprobs of a `launch`, read to the host (the step's one sync)."""
+        tokens, logprobs = out.tolist()
+        return list(map(int, tokens)), logprobs
+
+    def launch(self, logits: torch.Tensor, todo, ahead: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """`__call__` without reading back: (tokens int64 [n] on the device, the [2, n] float64 pair that
+        `collect` reads). ahead=1: each branch draws the token after the one it is drawing now, not yet on
+        the host (its position + 1; its own tokens on the device already hold the current one)."""
         n = len(todo)
         prs, ks = [], []  # flat, n rows each: numpy converts one flat list faster than a list of tuples
         for it in todo:
             b = it.sample
             seed, pr, row = b.draw or self._attach(it.req, b)
             prs += pr
-            ks += (seed, b.next_pos, row, len(b.own) if row else 0)
+            ks += (seed, b.next_pos + ahead, row, len(b.own) + ahead if row else 0)
         ints = np.array(ks, dtype=np.int64).reshape(n, 4).T  # stream seed, position, table row, own tokens so far
         f = np.empty((6, n), dtype=np.float32)
         f[:5] = np.array(prs, dtype=np.float32).reshape(n, 5).T
@@ -281,5 +293,4 @@ class BatchSampler:
         tokens, logprobs = draw(logits, fd, f)
         if table is not None:  # own tokens, on the device (rows without a penalty all write the dummy row)
             self.seen[td[0], td[1]] = tokens.int()
-        out = torch.stack((tokens.double(), logprobs.double())).tolist()
-        return list(map(int, out[0])), out[1]
+        return tokens, torch.stack((tokens.double(), logprobs.double()))

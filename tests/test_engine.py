@@ -229,12 +229,16 @@ def test_200_requests_on_a_small_pool_complete_through_preemption(tiny):
         assert np.array_equal(a.ids(), b.ids())
 
 
-def test_graph_host_path_on_cpu_matches_eager(tiny):
+@pytest.mark.parametrize("ahead", [False, True])
+def test_graph_host_path_on_cpu_matches_eager(tiny, monkeypatch, ahead):
     """The CUDA-graph decode path's host side (one copy of static inputs, each branch kept on a table row
     across steps, rows rewritten at forks / joins / preemption, patches after eager steps, eviction) runs
-    on the CPU too, each "replay" running the step: the same trajectories as the eager loop."""
+    on the CPU too, each "replay" running the step: the same trajectories as the eager loop. With the step
+    ahead (`llm.STEP_AHEAD`) too: tokens kept or given back at forks, joins, budgets and finishes, no slot lost."""
+    import engine.llm as llm_mod
     from engine.cuda_graphs import DecodeGraphs
 
+    monkeypatch.setattr(llm_mod, "STEP_AHEAD", ahead)
     _, _, llm = tiny
     p = params(seed=5, top_p=0.9, branch_repetition_penalty=1.2, max_total_tokens=100, max_path_tokens=80)
     runs = []
@@ -247,14 +251,15 @@ def test_graph_host_path_on_cpu_matches_eager(tiny):
         runs.append(eng.generate(PROMPTS * 3, p))
     st = eng.last_stats
     assert st["preemptions"] > 0 and 0.3 * st["forwards"] < st["graph_steps"] < st["forwards"], st
+    assert (st["steps_ahead"] > 0.2 * st["graph_steps"]) if ahead else st["steps_ahead"] == 0, st
     for a, b in zip(*runs):
         assert np.array_equal(a.ids(), b.ids()) and a.finish_reason == b.finish_reason
         np.testing.assert_allclose(a.lps(), b.lps(), atol=1e-4, equal_nan=True)
     eng.kv.check([])
 
 
-@pytest.mark.parametrize("split", [0, 16])
-def test_graphs_take_forced_headers_one_token_per_forward(tiny, monkeypatch, split):
+@pytest.mark.parametrize("split,ahead", [(0, False), (16, False), (16, True)])
+def test_graphs_take_forced_headers_one_token_per_forward(tiny, monkeypatch, split, ahead):
     """Requests whose steps end on different forwards (joins, takeaway headers) with graphs on: forced headers
     go one token per forward, so only the prefill runs eagerly (split 16, the engine's), where whole headers
     make a forward eager per fork and join (split 0); the trajectories are the eager loop's either way."""
@@ -265,16 +270,17 @@ def test_graphs_take_forced_headers_one_token_per_forward(tiny, monkeypatch, spl
     prompts = [Q + guideline(n) for n in (1, 2, 3, 5)]  # each forks as soon as its prompt is in
     plist = [params(seed=3, max_step_tokens=n, max_total_tokens=100, max_path_tokens=60) for n in (4, 7, 9, 13)]
     monkeypatch.setattr(llm_mod, "SPLIT_HEADERS", split)
+    monkeypatch.setattr(llm_mod, "STEP_AHEAD", ahead)
     runs, stats = [], []
     run_items = DecodeGraphs.run_items
 
-    def checked(self, items, slots):
+    def checked(self, items, slots, fed=None):
         """The GPU graph step writes each row's new K/V in the launch that reads the cache: no item may see
         another item's new token (the CPU stand-in writes first, so only this check would notice)."""
         new = {slots[it.kvs[-1]][it.start] for it in items}
         for it in items:
             assert not new & set(it.context(eng.kv)[:-1]), (it.req.rid, it.seg)
-        return run_items(self, items, slots)
+        return run_items(self, items, slots, fed)
 
     monkeypatch.setattr(DecodeGraphs, "run_items", checked)
     for graphs in (False, True):
@@ -290,6 +296,38 @@ def test_graphs_take_forced_headers_one_token_per_forward(tiny, monkeypatch, spl
     for a, b in zip(*runs):
         assert np.array_equal(a.ids(), b.ids()) and a.finish_reason == b.finish_reason
         assert a.num_forks >= 1
+        np.testing.assert_allclose(a.lps(), b.lps(), atol=1e-4, equal_nan=True)
+
+
+def test_step_ahead_gives_back_the_slots_of_requests_that_end_inside_a_fork(tiny, monkeypatch):
+    """Budgets that end requests while their steps decode: the branch that crosses the budget finishes the
+    request, so the siblings after it in the step never append their drawn tokens and the step ahead gives
+    their slots back. Trajectories equal the serial graph loop's; the pool ends whole."""
+    import engine.llm as llm_mod
+    from engine.cuda_graphs import DecodeGraphs
+    from engine.kv_store import KVStore
+
+    _, _, llm = tiny
+    prompts = [Q + guideline(n) for n in (2, 3, 4, 5)] * 2
+    plist = [params(seed=1, max_step_tokens=m, max_total_tokens=70, max_path_tokens=80) for m in (50, 50, 9, 50)] * 2
+    given_back = []
+    shrink = KVStore.shrink
+    monkeypatch.setattr(KVStore, "shrink", lambda self, sid, n: (given_back.append(sid), shrink(self, sid, n)))
+    runs, stats = [], []
+    for ahead in (False, True):
+        monkeypatch.setattr(llm_mod, "STEP_AHEAD", ahead)
+        eng = LLM(llm.model, llm.tokenizer, EngineConfig(kv_slots=3000, max_batch_tokens=512))
+        eng.use_graphs = True
+        eng.graphs = DecodeGraphs(eng.model, eng.kv.k, eng.kv.v, 3000, buckets=(1, 2, 4, 8, 16, 32), sample=False)
+        eng.graphs.capture()
+        runs.append(eng.generate(prompts, plist))
+        stats.append(eng.last_stats)
+        eng.kv.check([])
+        assert eng.kv.num_free == 3000
+    assert stats[1]["steps_ahead"] > 0 and given_back, (stats, given_back)
+    assert {t.finish_reason for t in runs[1]} >= {"length"}
+    for a, b in zip(*runs):
+        assert np.array_equal(a.ids(), b.ids()) and a.finish_reason == b.finish_reason
         np.testing.assert_allclose(a.lps(), b.lps(), atol=1e-4, equal_nan=True)
 
 
