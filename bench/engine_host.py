@@ -114,8 +114,9 @@ def instrument(model) -> Phases:
     ph.wrap(model, "compute_logits", "forward")
     ph.wrap(Request, "on_sampled", "state")
     ph.wrap(llm_mod, "sample", "sample")  # the engine's sampler, before (a function) and after (a class)
-    if hasattr(llm_mod, "BatchSampler"):
-        ph.wrap(llm_mod.BatchSampler, "__call__", "sample")
+    if hasattr(llm_mod, "BatchSampler"):  # launch + collect (the step's sync) where the loop splits them
+        for name in ("launch", "collect") if hasattr(llm_mod.BatchSampler, "launch") else ("__call__",):
+            ph.wrap(llm_mod.BatchSampler, name, "sample")
     return ph
 
 
@@ -221,6 +222,8 @@ def main(argv=None) -> int:
                     "(-1: the engine's; 0: headers whole, which makes their forwards eager)")
     ap.add_argument("--fused-sampler", type=int, default=1, help="engine.sampler.FUSED: 1 (the engine's) fused "
                     "inverse-CDF kernels for unfiltered rows on a GPU, 0 the torch passes")
+    ap.add_argument("--step-ahead", type=int, default=-1, help="engine.llm.STEP_AHEAD for this run (-1: the "
+                    "engine's; 1: a decode-only graph step launches the next one before its tokens are read)")
     ap.add_argument("--slots", type=int, default=65536)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--device", default="cpu", help="cuda: Triton attention (+ CUDA graphs with --graphs 1)")
@@ -234,6 +237,8 @@ def main(argv=None) -> int:
     if args.split_headers >= 0:
         llm_mod.SPLIT_HEADERS = args.split_headers
     sampler_mod.FUSED = bool(args.fused_sampler)
+    if args.step_ahead >= 0:
+        llm_mod.STEP_AHEAD = bool(args.step_ahead)
     torch.set_num_threads(args.threads)
     tok = load_tokenizer()
     out = []

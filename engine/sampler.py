@@ -260,8 +260,7 @@ class BatchSampler:
         """Sample row i of float logits [len(todo), V] (changed in place) for todo[i].sample of todo[i].req."""
         return self.collect(self.launch(logits, todo)[1])
 
-    @staticmethod
-    def collect(out: torch.Tensor) -> tuple[list[int], list[float]]:
+    def collect(self, out: torch.Tensor) -> tuple[list[int], list[float]]:
         """Tokens and logprobs of a `launch`, read to the host (the step's one sync)."""
         tokens, logprobs = out.tolist()
         return list(map(int, tokens)), logprobs

@@ -309,7 +309,9 @@ def test_step_ahead_gives_back_the_slots_of_requests_that_end_inside_a_fork(tiny
 
     _, _, llm = tiny
     prompts = [Q + guideline(n) for n in (2, 3, 4, 5)] * 2
-    plist = [params(seed=1, max_step_tokens=m, max_total_tokens=70, max_path_tokens=80) for m in (50, 50, 9, 50)] * 2
+    # strong penalties: the step ahead's draw must see the token it is fed among the branch's own
+    plist = [params(seed=1, max_step_tokens=m, max_total_tokens=70, max_path_tokens=80, repetition_penalty=3.0,
+                    branch_repetition_penalty=3.0) for m in (50, 50, 9, 50)] * 2
     given_back = []
     shrink = KVStore.shrink
     monkeypatch.setattr(KVStore, "shrink", lambda self, sid, n: (given_back.append(sid), shrink(self, sid, n)))
