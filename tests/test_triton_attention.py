@@ -254,13 +254,16 @@ def test_llm_triton_backend_matches_torch_backend(tmp_path):
         torch.testing.assert_close(la, lb, rtol=1e-3, atol=1e-3, equal_nan=True)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_llm_cuda_graphs_match_eager(tmp_path, dtype):
+@pytest.mark.parametrize("dtype,ahead", [(torch.float32, False), (torch.bfloat16, False), (torch.float32, True)])
+def test_llm_cuda_graphs_match_eager(tmp_path, monkeypatch, dtype, ahead):
     """EngineConfig.cuda_graphs: decode-only steps replay DecodeGraphs (fused projections, bucketed batch
-    sizes, padding rows); trajectories equal the eager loop's (same Triton kernel), logprobs within tolerance."""
+    sizes, padding rows); trajectories equal the eager loop's (same Triton kernel), logprobs within tolerance.
+    ahead: with the engine loop's step ahead (`llm.STEP_AHEAD`: ids fed on the device, asynchronous)."""
+    import engine.llm as llm_mod
     from engine import LLM
     from npr_async.config import EngineConfig
 
+    monkeypatch.setattr(llm_mod, "STEP_AHEAD", ahead)
     d, prompts, p = forked_greedy_workload(tmp_path)
     runs = []
     for graphs in (False, True):
@@ -275,6 +278,7 @@ def test_llm_cuda_graphs_match_eager(tmp_path, dtype):
         runs.append(llm.generate(prompts, p))
         if graphs:
             assert llm.last_stats["graph_steps"] > 0.5 * llm.last_stats["forwards"], llm.last_stats
+            assert (llm.last_stats["steps_ahead"] > 0) == ahead, llm.last_stats
     tol = 1e-3 if dtype == torch.float32 else 5e-2
     for a, b in zip(*runs):
         ia, ib = a.ids().tolist(), b.ids().tolist()
