@@ -221,6 +221,7 @@ def bench_llm(model, args, res, save=lambda: None):
     included) / wall clock, prefill included; with CUDA graphs and, for comparison, eager decode steps."""
     import msgspec
 
+    import engine.llm as llm_mod
     from engine.llm import LLM
     from engine.sampler import SamplingParams
     from npr_async.config import EngineConfig
@@ -251,16 +252,19 @@ def bench_llm(model, args, res, save=lambda: None):
             # kernels per split count, seconds each, which would land in the timed run
             llm.generate([ids] * r, msgspec.structs.replace(p, max_step_tokens=8, max_total_tokens=8 * k + 16,
                                                              max_path_tokens=40))
-            trajs = []
-            t = timed(lambda: trajs.extend(llm.generate([ids] * r, p)))
-            n = sum(x.num_tokens for x in trajs)
-            out.append(dict(graphs=graphs, requests=r, k=k, rows=r * k, s=t, tokens=n, tok_s=n / t,
-                            forks=sum(x.num_forks for x in trajs), branches=sum(x.num_branches for x in trajs),
-                            finish={f: sum(x.finish_reason == f for x in trajs) for f in {x.finish_reason for x in trajs}},
-                            warmup_s=t_warm, **llm.last_stats))
-            print(f"llm {r}x{k}: {out[-1]}", flush=True)
-            res["llm"] = out
-            save()
+            for ahead in [int(a) for a in args.step_ahead.split(",")] if graphs else [0]:
+                llm_mod.STEP_AHEAD = bool(ahead)  # the engine loop's step ahead (engine/llm.py), off or on
+                trajs = []
+                t = timed(lambda: trajs.extend(llm.generate([ids] * r, p)))
+                n = sum(x.num_tokens for x in trajs)
+                out.append(dict(graphs=graphs, step_ahead=bool(ahead), requests=r, k=k, rows=r * k, s=t, tokens=n,
+                                tok_s=n / t, forks=sum(x.num_forks for x in trajs),
+                                branches=sum(x.num_branches for x in trajs),
+                                finish={f: sum(x.finish_reason == f for x in trajs) for f in {x.finish_reason for x in trajs}},
+                                warmup_s=t_warm, **llm.last_stats))
+                print(f"llm {r}x{k}: {out[-1]}", flush=True)
+                res["llm"] = out
+                save()
         del llm
         torch.cuda.empty_cache()
     res["llm"] = out
@@ -354,7 +358,8 @@ def table(res) -> str:
         for r in res["llm"]:
             d = direct.get((r["requests"], r["k"]), {})
             ratio = f"{r['tok_s'] / d['tok_s']:.0%}" if d else "-"
-            lines.append(f"| {r['requests']} x {r['k']} ({r['rows']}) | {'on' if r['graphs'] else 'off'} | {r['tokens']} "
+            graphs = ("on" + (", step ahead" if r.get("step_ahead") else "")) if r["graphs"] else "off"
+            lines.append(f"| {r['requests']} x {r['k']} ({r['rows']}) | {graphs} | {r['tokens']} "
                          f"| {r['s']:.2f} | {r['tok_s']:.0f} | {d.get('tok_s', 0):.0f} | {ratio} |")
     lines.append(f"\npeak GPU memory: ours {res['peak_gib_ours']} GiB (KV pool {res['kv_pool_gib']} GiB = "
                  f"{res['kv_capacity_tokens']} tokens); HF {res.get('peak_gib_hf', '-')} GiB")
@@ -379,6 +384,8 @@ def main(argv=None) -> int:
     ap.add_argument("--fuse", type=int, default=1, help="fused q/k/v and gate/up GEMMs (engine inference)")
     ap.add_argument("--llm", default="1x4,16x4", help="engine.LLM loop cases RxK ('' skips)")
     ap.add_argument("--llm-eager", type=int, default=1, help="0: the engine.LLM cases with CUDA graphs only")
+    ap.add_argument("--step-ahead", default="0", help="engine.llm.STEP_AHEAD values for the engine.LLM cases "
+                    "with graphs, e.g. 0,1 (each case runs once per value)")
     ap.add_argument("--llm-slots", type=int, default=0, help="KV slots of the engine.LLM runs (0: the largest "
                     "case whole, no preemption)")
     ap.add_argument("--out", default=os.environ.get("OUT", "out"))
