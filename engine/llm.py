@@ -34,8 +34,9 @@ from npr_async.tags import JOIN_HEADER, TagIds, step_header
 SPLIT_HEADERS = 16
 
 # With CUDA graphs, a step in which every row decodes launches the next step of the same rows before its tokens
-# reach the host (fed on the device), so the GPU runs it while the host takes step N's transitions; rows whose
-# next input is not their drawn token (a tag's transition, a finish) drop the step-ahead token (docs/engine.md).
+# reach the host (fed on the device), so the GPU runs it while the host takes step N's transitions, and so on
+# while every row decodes on; rows whose next input is not their drawn token (a tag's transition, a finish)
+# drop the step-ahead token and the scheduler takes over (docs/engine.md).
 STEP_AHEAD = False
 
 _tokens, _context_len = attrgetter("n"), attrgetter("length")  # of a scheduler Item, read per row in C
@@ -143,6 +144,7 @@ class LLM:
         # an eager forward of a real model costs several graph steps (BENCHMARKS.md), and unsynchronised
         # requests would otherwise make every fork and join an eager forward for the whole batch
         sched = Scheduler(self.kv, self.config.max_batch_tokens, SPLIT_HEADERS if self.use_graphs else 0)
+        self._sched = sched  # steps ahead stop while a request waits for admission
         reqs = []
         for i, (prompt, p) in enumerate(zip(prompts, plist)):
             ids = self._ids(prompt, i)
@@ -184,8 +186,8 @@ class LLM:
         return ids
 
     def _step(self, items) -> int:
-        """Run the items' forward, sample, take the transitions; returns the forwards run (0, 1, or 2 with a
-        step ahead)."""
+        """Run the items' forward, sample, take the transitions; returns the forwards run (more than one when
+        steps ran ahead: `STEP_AHEAD`)."""
         if not items:
             return 0
         graphs = self._graphs_for(items)
@@ -201,14 +203,26 @@ class LLM:
         if not todo:
             return 1
         fed, out = self.sampler.launch(logits, todo)
-        ahead = None
-        if STEP_AHEAD and graphs is not None and len(todo) == len(items):  # every row decodes
-            ahead = self._launch_ahead(items, graphs, fed)
-        tokens, logprobs = self.sampler.collect(out)
-        self._take(todo, tokens, logprobs)
-        if ahead is not None:
-            self._take_ahead(*ahead, tokens)
-        return 1 + (ahead is not None)
+        forwards = 1
+        # every row of a graph step decodes: the step after runs ahead of the host, and so on while every row
+        # decodes on and no request waits for admission (the scheduler then takes over again)
+        ahead = STEP_AHEAD and graphs is not None and len(todo) == len(items)
+        while True:
+            nxt = self._launch_ahead(todo, graphs, fed) if ahead and not self._sched.waiting else None
+            tokens, logprobs = self.sampler.collect(out)
+            self._take(todo, tokens, logprobs)
+            if nxt is None:
+                return forwards
+            forwards += 1
+            nxt, fed, out = nxt
+            on = self._settle_ahead(nxt, tokens)
+            if not all(on):  # some rows took a transition: the rest keep their drawn token, the scheduler goes on
+                tokens, logprobs = self.sampler.collect(out)
+                kept = [(it, t, lp) for it, t, lp, k in zip(nxt, tokens, logprobs, on) if k]
+                if kept:
+                    self._take(*map(list, zip(*kept)))
+                return forwards
+            todo = nxt
 
     def _take(self, todo, tokens: list[int], logprobs: list[float]) -> None:
         """Each sampled token's transition, in the items' order; sampler rows of branches done go back."""
@@ -223,7 +237,8 @@ class LLM:
     def _launch_ahead(self, items, graphs, fed: torch.Tensor):
         """Step N+1 of a decode-only graph step N, launched before N's tokens are read: each row decodes the
         token N draws (`fed`, on the device) at the next position, into one more slot of its segment, and
-        draws the token after it. None when the pool or the graphs' table could not hold it."""
+        draws the token after it. Returns (its items, their drawn tokens on the device, the `collect` pair), or
+        None when the pool or the graphs' table could not hold it."""
         if self.kv.num_free < 2 * len(items) or max(map(_context_len, items)) >= graphs.max_context:
             return None  # (2x: the step after needs as many slots, which the scheduler would otherwise preempt for)
         nxt = [Item(it.req, it.seg, it.start + 1, 1, it.sample, it.kvs, it.length + 1) for it in items]
@@ -233,26 +248,26 @@ class LLM:
         logits = graphs.run_items(nxt, self.kv.slots, fed=fed)
         self._graph_steps += 1
         self._steps_ahead += 1
-        return nxt, self.sampler.launch(logits, nxt, ahead=1)[1]
+        return nxt, *self.sampler.launch(logits, nxt, ahead=1)
 
-    def _take_ahead(self, nxt, out: torch.Tensor, fed: list[int]) -> None:
-        """Keep what the step ahead computed where step N's transitions agree with it: the K/V of a fed token
-        that is now the segment's next token, and the drawn token of a branch that decodes on from it (what
-        the next step would have drawn: the same logits and the same uniform, keyed by position). Otherwise
-        the slot goes back, and the drawn token is dropped."""
-        tokens, logprobs = self.sampler.collect(out)
-        keep = []
-        for it, t_fed, t, lp in zip(nxt, fed, tokens, logprobs):
+    def _settle_ahead(self, nxt, fed: list[int]) -> list[bool]:
+        """After step N's transitions, per row of the step ahead: does its drawn token stand? It does when the
+        branch decodes on from the token it was fed (then it is what the next step would have drawn: the same
+        logits and the same uniform, keyed by position). The fed token's K/V stay whenever it became the
+        segment's next token; otherwise (e.g. its request finished first) the slot goes back."""
+        on = []
+        for it, t_fed in zip(nxt, fed):
             req, b = it.req, it.sample
             seg = req.segs[it.seg]
-            if len(seg.tokens) <= it.start or seg.tokens[it.start] != t_fed:  # e.g. its request finished first
+            if len(seg.tokens) <= it.start or seg.tokens[it.start] != t_fed:
                 seg.cached -= 1
                 self.kv.shrink(it.kvs[-1], 1)
                 self.graphs.forget_last(req, it.seg, it.start)
-            elif req.finish_reason is None and b.state == "run" and b.seg == it.seg and len(seg.tokens) == it.start + 1:
-                keep.append((it, t, lp))
-        if keep:
-            self._take(*map(list, zip(*keep)))
+                on.append(False)
+            else:
+                on.append(req.finish_reason is None and b.state == "run" and b.seg == it.seg
+                          and len(seg.tokens) == it.start + 1)
+        return on
 
     def _forward(self, items) -> torch.Tensor | None:
         """An eager forward (prompt chunks, forced headers, or graphs off): logits of the rows that sample."""

@@ -239,6 +239,10 @@ def test_graph_host_path_on_cpu_matches_eager(tiny, monkeypatch, ahead):
     from engine.cuda_graphs import DecodeGraphs
 
     monkeypatch.setattr(llm_mod, "STEP_AHEAD", ahead)
+    waiting = []  # requests waiting for admission whenever a step ahead launched: none (they would starve)
+    launch_ahead = llm_mod.LLM._launch_ahead
+    monkeypatch.setattr(llm_mod.LLM, "_launch_ahead",
+                        lambda self, *a: (waiting.append(len(self._sched.waiting)), launch_ahead(self, *a))[1])
     _, _, llm = tiny
     p = params(seed=5, top_p=0.9, branch_repetition_penalty=1.2, max_total_tokens=100, max_path_tokens=80)
     runs = []
@@ -252,6 +256,7 @@ def test_graph_host_path_on_cpu_matches_eager(tiny, monkeypatch, ahead):
     st = eng.last_stats
     assert st["preemptions"] > 0 and 0.3 * st["forwards"] < st["graph_steps"] < st["forwards"], st
     assert (st["steps_ahead"] > 0.2 * st["graph_steps"]) if ahead else st["steps_ahead"] == 0, st
+    assert not any(waiting) and len(waiting) >= st["steps_ahead"]
     for a, b in zip(*runs):
         assert np.array_equal(a.ids(), b.ids()) and a.finish_reason == b.finish_reason
         np.testing.assert_allclose(a.lps(), b.lps(), atol=1e-4, equal_nan=True)
