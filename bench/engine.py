@@ -31,7 +31,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.append(str(Path(__file__).resolve().parent))  # siblings (gpu_clocks), after the repo: bench/engine.py is not `engine`
+# siblings (gpu_clocks) after the repo, so that `engine` is the package and not this file
+sys.path.append(str(Path(__file__).resolve().parent))
 from engine.cuda_graphs import DecodeGraphs, sample  # noqa: E402
 from engine.model import CausalLM, ModelArgs  # noqa: E402
 from engine.triton_attention import store_kv  # noqa: E402
@@ -260,7 +261,8 @@ def bench_llm(model, args, res, save=lambda: None):
                 out.append(dict(graphs=graphs, step_ahead=bool(ahead), requests=r, k=k, rows=r * k, s=t, tokens=n,
                                 tok_s=n / t, forks=sum(x.num_forks for x in trajs),
                                 branches=sum(x.num_branches for x in trajs),
-                                finish={f: sum(x.finish_reason == f for x in trajs) for f in {x.finish_reason for x in trajs}},
+                                finish={f: sum(x.finish_reason == f for x in trajs)
+                                        for f in {x.finish_reason for x in trajs}},
                                 warmup_s=t_warm, **llm.last_stats))
                 print(f"llm {r}x{k}: {out[-1]}", flush=True)
                 res["llm"] = out

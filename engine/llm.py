@@ -20,11 +20,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from engine import step_ahead
 from engine.kv_store import KVStore
 from engine.npr_state import Limits, Request
 from engine.paged_attention import PagedAttention
 from engine.sampler import BatchSampler, SamplingParams
-from engine.scheduler import Item, Scheduler, independent
+from engine.scheduler import Scheduler, independent
 from npr_async.config import EngineConfig
 from npr_async.messages import Trajectory
 from npr_async.tags import JOIN_HEADER, TagIds, step_header
@@ -34,9 +35,7 @@ from npr_async.tags import JOIN_HEADER, TagIds, step_header
 SPLIT_HEADERS = 16
 
 # With CUDA graphs, a step in which every row decodes launches the next step of the same rows before its tokens
-# reach the host (fed on the device), so the GPU runs it while the host takes step N's transitions, and so on
-# while every row decodes on; rows whose next input is not their drawn token (a tag's transition, a finish)
-# drop the step-ahead token and the scheduler takes over (docs/engine.md).
+# reach the host, and so on while every row decodes on (engine/step_ahead.py). Off until measured on a GPU.
 STEP_AHEAD = False
 
 _tokens, _context_len = attrgetter("n"), attrgetter("length")  # of a scheduler Item, read per row in C
@@ -208,14 +207,14 @@ class LLM:
         # decodes on and no request waits for admission (the scheduler then takes over again)
         ahead = STEP_AHEAD and graphs is not None and len(todo) == len(items)
         while True:
-            nxt = self._launch_ahead(todo, graphs, fed) if ahead and not self._sched.waiting else None
+            nxt = step_ahead.launch(self, todo, graphs, fed) if ahead and not self._sched.waiting else None
             tokens, logprobs = self.sampler.collect(out)
             self._take(todo, tokens, logprobs)
             if nxt is None:
                 return forwards
             forwards += 1
             nxt, fed, out = nxt
-            on = self._settle_ahead(nxt, tokens)
+            on = step_ahead.settle(self, nxt, tokens)
             if not all(on):  # some rows took a transition: the rest keep their drawn token, the scheduler goes on
                 tokens, logprobs = self.sampler.collect(out)
                 kept = [(it, t, lp) for it, t, lp, k in zip(nxt, tokens, logprobs, on) if k]
@@ -233,41 +232,6 @@ class LLM:
                 self.sampler.release((it.sample, *it.req.branches))
             elif it.sample.state == "done":
                 self.sampler.release((it.sample,))
-
-    def _launch_ahead(self, items, graphs, fed: torch.Tensor):
-        """Step N+1 of a decode-only graph step N, launched before N's tokens are read: each row decodes the
-        token N draws (`fed`, on the device) at the next position, into one more slot of its segment, and
-        draws the token after it. Returns (its items, their drawn tokens on the device, the `collect` pair), or
-        None when the pool or the graphs' table could not hold it."""
-        if self.kv.num_free < 2 * len(items) or max(map(_context_len, items)) >= graphs.max_context:
-            return None  # (2x: the step after needs as many slots, which the scheduler would otherwise preempt for)
-        nxt = [Item(it.req, it.seg, it.start + 1, 1, it.sample, it.kvs, it.length + 1) for it in items]
-        self.kv.extend_many([(it.kvs[-1], 1) for it in items])
-        for it in items:
-            it.req.segs[it.seg].cached += 1
-        logits = graphs.run_items(nxt, self.kv.slots, fed=fed)
-        self._graph_steps += 1
-        self._steps_ahead += 1
-        return nxt, *self.sampler.launch(logits, nxt, ahead=1)
-
-    def _settle_ahead(self, nxt, fed: list[int]) -> list[bool]:
-        """After step N's transitions, per row of the step ahead: does its drawn token stand? It does when the
-        branch decodes on from the token it was fed (then it is what the next step would have drawn: the same
-        logits and the same uniform, keyed by position). The fed token's K/V stay whenever it became the
-        segment's next token; otherwise (e.g. its request finished first) the slot goes back."""
-        on = []
-        for it, t_fed in zip(nxt, fed):
-            req, b = it.req, it.sample
-            seg = req.segs[it.seg]
-            if len(seg.tokens) <= it.start or seg.tokens[it.start] != t_fed:
-                seg.cached -= 1
-                self.kv.shrink(it.kvs[-1], 1)
-                self.graphs.forget_last(req, it.seg, it.start)
-                on.append(False)
-            else:
-                on.append(req.finish_reason is None and b.state == "run" and b.seg == it.seg
-                          and len(seg.tokens) == it.start + 1)
-        return on
 
     def _forward(self, items) -> torch.Tensor | None:
         """An eager forward (prompt chunks, forced headers, or graphs off): logits of the rows that sample."""

@@ -16,7 +16,8 @@ case "$*" in *clocks_event_reasons*) echo "Field is not a valid field to query."
 case "$*" in *--loop-ms=*) ;; *) echo "1980, 100.00, 0x0000000000000001"; exit 0;; esac
 i=0
 while true; do
-  if [ $((i % 2)) -eq 0 ]; then echo "1980, 600.00, 0x0000000000000000"; else echo "1600, 700.00, 0x0000000000000004"; fi
+  if [ $((i % 2)) -eq 0 ]; then echo "1980, 600.00, 0x0000000000000000"
+  else echo "1600, 700.00, 0x0000000000000004"; fi
   [ $i -eq 1 ] && echo "[N/A], [N/A], [N/A]"
   i=$((i + 1))
   sleep 0.02

@@ -236,13 +236,14 @@ def test_graph_host_path_on_cpu_matches_eager(tiny, monkeypatch, ahead):
     on the CPU too, each "replay" running the step: the same trajectories as the eager loop. With the step
     ahead (`llm.STEP_AHEAD`) too: tokens kept or given back at forks, joins, budgets and finishes, no slot lost."""
     import engine.llm as llm_mod
+    from engine import step_ahead
     from engine.cuda_graphs import DecodeGraphs
 
     monkeypatch.setattr(llm_mod, "STEP_AHEAD", ahead)
     waiting = []  # requests waiting for admission whenever a step ahead launched: none (they would starve)
-    launch_ahead = llm_mod.LLM._launch_ahead
-    monkeypatch.setattr(llm_mod.LLM, "_launch_ahead",
-                        lambda self, *a: (waiting.append(len(self._sched.waiting)), launch_ahead(self, *a))[1])
+    launch = step_ahead.launch
+    monkeypatch.setattr(step_ahead, "launch",
+                        lambda llm, *a: (waiting.append(len(llm._sched.waiting)), launch(llm, *a))[1])
     _, _, llm = tiny
     p = params(seed=5, top_p=0.9, branch_repetition_penalty=1.2, max_total_tokens=100, max_path_tokens=80)
     runs = []
