@@ -79,20 +79,33 @@ def _chunk_kernel(x_ptr, t_ptr, seed_ptr, m_ptr, s_ptr, r_ptr, i_ptr, V, stride_
 
 
 @triton.jit
-def _merge_kernel(x_ptr, t_ptr, m_ptr, s_ptr, r_ptr, i_ptr, tok_ptr, lp_ptr, stride_x, NCHUNK: tl.constexpr,
-                  BLOCK_C: tl.constexpr):
-    row = tl.program_id(0)
+def _chunk_masses(m_ptr, s_ptr, row, NCHUNK: tl.constexpr, BLOCK_C: tl.constexpr):
+    """A row's chunks as one merge reads them: (chunk index c, valid mask, offsets, the row's max, each chunk's
+    mass relative to exp(max))."""
     c = tl.arange(0, BLOCK_C)
     ok = c < NCHUNK
     o = row * NCHUNK + c
     m = tl.load(m_ptr + o, mask=ok, other=float("-inf"))
     s = tl.load(s_ptr + o, mask=ok, other=0.0)
+    mm = tl.max(m, 0)
+    return c, ok, o, mm, tl.where(m > float("-inf"), s * tl.exp(m - mm), 0.0)
+
+
+@triton.jit
+def _best_of_chunks(r_ptr, i_ptr, o, ok):
+    """The column of the best chunk value (race or logit), the lowest among equals."""
     r = tl.load(r_ptr + o, mask=ok, other=float("-inf"))
     i = tl.load(i_ptr + o, mask=ok, other=2147483647)
-    mm = tl.max(m, 0)
-    lse = mm + tl.log(tl.sum(s * tl.exp(m - mm), 0))
-    rb = tl.max(r, 0)
-    tok = tl.min(tl.where(r == rb, i, 2147483647), 0)
+    return tl.min(tl.where(r == tl.max(r, 0), i, 2147483647), 0)
+
+
+@triton.jit
+def _merge_kernel(x_ptr, t_ptr, m_ptr, s_ptr, r_ptr, i_ptr, tok_ptr, lp_ptr, stride_x, NCHUNK: tl.constexpr,
+                  BLOCK_C: tl.constexpr):
+    row = tl.program_id(0)
+    c, ok, o, mm, w = _chunk_masses(m_ptr, s_ptr, row, NCHUNK, BLOCK_C)
+    lse = mm + tl.log(tl.sum(w, 0))
+    tok = _best_of_chunks(r_ptr, i_ptr, o, ok)
     t = tl.load(t_ptr + row)
     inv_t = tl.where(t > 0, 1.0 / tl.where(t > 0, t, 1.0), 1.0)
     x = tl.load(x_ptr + row.to(tl.int64) * stride_x + tok).to(tl.float32) * inv_t
@@ -133,13 +146,7 @@ def _cdf_pick_kernel(x_ptr, t_ptr, hot_ptr, u_ptr, m_ptr, s_ptr, r_ptr, i_ptr, t
     passes u * total and walks it for the first column whose inclusive cumulative mass exceeds it (torch's
     searchsorted(cdf, u * cdf[-1], right=True)); a greedy row takes the first argmax."""
     row = tl.program_id(0)
-    c = tl.arange(0, BLOCK_C)
-    ok = c < NCHUNK
-    o = row * NCHUNK + c
-    m = tl.load(m_ptr + o, mask=ok, other=float("-inf"))
-    s = tl.load(s_ptr + o, mask=ok, other=0.0)
-    mm = tl.max(m, 0)
-    w = tl.where(m > float("-inf"), s * tl.exp(m - mm), 0.0)  # each chunk's mass, relative to exp(mm)
+    c, ok, o, mm, w = _chunk_masses(m_ptr, s_ptr, row, NCHUNK, BLOCK_C)
     total = tl.sum(w, 0)
     inv_t = 1.0 / tl.load(t_ptr + row)
     if tl.load(hot_ptr + row) > 0:
@@ -163,8 +170,7 @@ def _cdf_pick_kernel(x_ptr, t_ptr, hot_ptr, u_ptr, m_ptr, s_ptr, r_ptr, i_ptr, t
             run += tl.sum(p, 0)
         tok = tl.where(tok < V, tok, last)
     else:
-        r = tl.load(r_ptr + o, mask=ok, other=float("-inf"))
-        tok = tl.min(tl.where(r == tl.max(r, 0), tl.load(i_ptr + o, mask=ok, other=2147483647), 2147483647), 0)
+        tok = _best_of_chunks(r_ptr, i_ptr, o, ok)
     x = tl.load(x_ptr + row.to(tl.int64) * stride_x + tok).to(tl.float32) * inv_t
     tl.store(tok_ptr + row, tok.to(tl.int64))
     tl.store(lp_ptr + row, x - mm - tl.log(total))
