@@ -8,6 +8,7 @@ more work. Without `nvidia-smi` (or on a CPU) the summary is empty and nothing e
 """
 from __future__ import annotations
 
+import functools
 import shutil
 import subprocess
 
@@ -15,22 +16,23 @@ QUERIES = ("clocks.sm,power.draw,clocks_event_reasons.active",  # newer drivers'
            "clocks.sm,power.draw,clocks_throttle_reasons.active", "clocks.sm,power.draw")
 
 
+@functools.cache
+def _fields(gpu: int) -> str | None:
+    """The first field list this driver's nvidia-smi accepts (queried once per process, before any phase)."""
+    for q in QUERIES:
+        if subprocess.run(["nvidia-smi", f"--id={gpu}", f"--query-gpu={q}", "--format=csv,noheader"],
+                          check=False, capture_output=True, timeout=10).returncode == 0:
+            return q
+    return None
+
+
 class GpuClocks:
     def __init__(self, every_ms: int = 50, gpu: int = 0):
         self.every_ms, self.gpu = every_ms, gpu
         self.proc, self.lines = None, []
 
-    def _query(self) -> str | None:
-        """The first field list this driver's nvidia-smi accepts (a one-off query, before the phase)."""
-        for q in QUERIES:
-            ok = subprocess.run(["nvidia-smi", f"--id={self.gpu}", f"--query-gpu={q}", "--format=csv,noheader"],
-                                check=False, capture_output=True, timeout=10).returncode == 0
-            if ok:
-                return q
-        return None
-
     def __enter__(self) -> "GpuClocks":
-        q = self._query() if shutil.which("nvidia-smi") else None
+        q = _fields(self.gpu) if shutil.which("nvidia-smi") else None
         if q is not None:
             self.proc = subprocess.Popen(["nvidia-smi", f"--id={self.gpu}", f"--query-gpu={q}",
                                           "--format=csv,noheader,nounits", f"--loop-ms={self.every_ms}"],

@@ -30,6 +30,7 @@ def test_samples_of_the_phase_from_a_stand_in_nvidia_smi(tmp_path, monkeypatch):
     tool.write_text(FAKE)
     tool.chmod(0o755)
     monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    gpu_clocks._fields.cache_clear()  # the field list is asked once per process: ask this stand-in
     with gpu_clocks.GpuClocks(every_ms=20) as clocks:
         time.sleep(0.5)
     s = clocks.summary()
