@@ -213,6 +213,8 @@ class LLM:
             if nxt is None:
                 return forwards
             forwards += 1
+            self._graph_steps += 1
+            self._steps_ahead += 1
             nxt, fed, out = nxt
             on = step_ahead.settle(self, nxt, tokens)
             if not all(on):  # some rows took a transition: the rest keep their drawn token, the scheduler goes on

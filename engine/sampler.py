@@ -161,13 +161,14 @@ def draw(x: torch.Tensor, f: torch.Tensor, f_host: np.ndarray) -> tuple[torch.Te
     the uniforms. Work no row needs (temperature, filters, sampling, argmax) is skipped on the host's word.
     On a GPU, rows without top-k / top-p filters take two fused kernels (engine/triton_sampling.py) instead of
     the [B, V] log-softmax, exp and cumsum passes."""
-    if FUSED and x.is_cuda and x.stride(1) == 1 and not (f_host[2] > 0).any() and not (f_host[1] < 1).any():
+    do_k, do_p = bool((f_host[2] > 0).any()), bool((f_host[1] < 1).any())
+    if FUSED and x.is_cuda and x.stride(1) == 1 and not (do_k or do_p):
         from engine.triton_sampling import inverse_cdf_sample
 
         return inverse_cdf_sample(x, f[0], f[4], f[5])
     if (f_host[0] != 1).any():
         x = x / f[0][:, None]
-    logp = filtered_logprobs(x, f[2], f[1], bool((f_host[2] > 0).any()), bool((f_host[1] < 1).any()))
+    logp = filtered_logprobs(x, f[2], f[1], do_k, do_p)
     hot = f_host[4] > 0
     if hot.any():
         cdf = logp.exp().cumsum(-1)

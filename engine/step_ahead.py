@@ -30,8 +30,6 @@ def launch(llm, items, graphs, fed: torch.Tensor):
     for it in items:
         it.req.segs[it.seg].cached += 1
     logits = graphs.run_items(nxt, llm.kv.slots, fed=fed)
-    llm._graph_steps += 1
-    llm._steps_ahead += 1
     return nxt, *llm.sampler.launch(logits, nxt, ahead=1)
 
 
