@@ -4,7 +4,7 @@ configuration (splits, BLOCK_N, warps, stages), to choose the engine's defaults 
     python3 bench/attention.py --rows 64,256 --ctx 256,1024 --out $OUT/attention.json
 
 Qwen3-4B attention shape (32 query heads, 8 KV heads, head_dim 128, bf16), one layer's cache of
-`--slots` token slots; every row reads its own `ctx` slots, scattered over the pool as in a live engine.
+`--slots` token slots; every row reads its own `ctx` slots, laid out over the pool as `--layout` says.
 GB/s = K and V bytes read ÷ kernel time (triton.testing.do_bench, L2 flushed between runs), side by side
 with a device-to-device copy of the same bytes in the same run (the hardware's practical limit). Each call also
 writes its rows' new k/v (`new_kv`), as the engine's decode step does.
@@ -27,6 +27,21 @@ from bench.gemm import graph_ms  # noqa: E402
 from engine.triton_attention import decode_attention, default_block_n, default_splits, default_stages  # noqa: E402
 
 
+def slot_table(layout: str, rows: int, ctx: int, num_slots: int, dev) -> torch.Tensor:
+    """[rows, ctx] int32 slots, all distinct, laid out over a pool of `num_slots` as `layout` says (see --layout)."""
+    if layout == "scattered":
+        return torch.randperm(num_slots, device=dev)[:rows * ctx].view(rows, ctx).int()
+    if layout == "lockstep":  # slot i*rows + r: what popping one slot per row per step from a fresh stack gives
+        base = int(torch.randint(0, num_slots - rows * ctx + 1, ()).item())
+        return (base + torch.arange(ctx, device=dev)[None, :] * rows + torch.arange(rows, device=dev)[:, None]).int()
+    if layout.startswith("runs"):
+        n = int(layout[4:])
+        runs = -(-ctx // n)
+        starts = torch.randperm(num_slots // n, device=dev)[:rows * runs].view(rows, runs, 1) * n
+        return (starts + torch.arange(n, device=dev)).view(rows, runs * n)[:, :ctx].int()
+    raise ValueError(f"--layout: unknown layout {layout!r} (scattered, runsN, lockstep)")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", default="64,256")
@@ -36,6 +51,10 @@ def main() -> int:
     ap.add_argument("--warps", default="4,8")
     ap.add_argument("--stages", default="2,3,4")
     ap.add_argument("--slots", type=int, default=1 << 20)
+    ap.add_argument("--layout", default="scattered", help="where each row's slots lie, comma-separated: "
+                    "'scattered' (token by token over the pool, as after long churn), 'runsN' (runs of N consecutive "
+                    "slots, the runs scattered), 'lockstep' (a fresh pool decoding every row at once: slots of a row "
+                    "`rows` apart)")
     ap.add_argument("--graph", type=int, default=0, help="1: time inside a CUDA graph (no launch overhead; "
                     "small batches are launch-bound otherwise)")
     ap.add_argument("--out", required=True)
@@ -44,9 +63,10 @@ def main() -> int:
     kc = torch.randn(a.slots, hkv, d, device=dev, dtype=torch.bfloat16)
     vc = torch.randn_like(kc)
     res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "cases": []}
-    for rows, ctx in itertools.product(map(int, a.rows.split(",")), map(int, a.ctx.split(","))):
+    for rows, ctx, layout in itertools.product(map(int, a.rows.split(",")), map(int, a.ctx.split(",")),
+                                               a.layout.split(",")):
         q = torch.randn(rows, hq, d, device=dev, dtype=torch.bfloat16)
-        tables = [torch.randperm(a.slots, device=dev)[:rows * ctx].view(rows, ctx).int() for _ in range(8)]
+        tables = [slot_table(layout, rows, ctx, a.slots, dev) for _ in range(8)]
         table = tables[0]
         lens = torch.full((rows,), ctx, dtype=torch.int32, device=dev)
         nbytes = 2 * rows * ctx * hkv * d * 2
@@ -54,7 +74,7 @@ def main() -> int:
         dst = torch.empty_like(src)
         copy_ms = triton.testing.do_bench(lambda: dst.copy_(src))
         copy_gbs = 2 * src.numel() / copy_ms / 1e6  # read + write
-        case = {"rows": rows, "ctx": ctx, "kv_bytes": nbytes, "copy_gbs": copy_gbs,
+        case = {"rows": rows, "ctx": ctx, "layout": layout, "kv_bytes": nbytes, "copy_gbs": copy_gbs,
                 "default_splits": default_splits(rows, hkv, dev),
                 "configs": []}
         # as in the engine's decode step: each row's last slot is its new token, written by the same launch. Each
@@ -86,7 +106,7 @@ def main() -> int:
         dflt = next((c for c in ok if (c["splits"], c["block_n"], c["warps"], c["stages"]) == dflt_cfg), None)
         case["best"], case["default"] = best, dflt
         res["cases"].append(case)
-        print(f"rows {rows} ctx {ctx}: copy {copy_gbs:.0f} GB/s | default {dflt and round(dflt['gbs'])} GB/s "
+        print(f"rows {rows} ctx {ctx} {layout}: copy {copy_gbs:.0f} GB/s | default {dflt and round(dflt['gbs'])} GB/s "
               f"({dflt and round(dflt['us'])} us) | best {best['gbs']:.0f} GB/s ({best['us']:.0f} us) "
               f"splits {best['splits']} block_n {best['block_n']} warps {best['warps']} stages {best['stages']}",
               flush=True)
