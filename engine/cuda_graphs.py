@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from engine.model import CausalLM
+from engine.qk_rope import reference
 from engine.scheduler import independent
 
 DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512)
@@ -46,16 +47,23 @@ def sample(logits: torch.Tensor, temperature: torch.Tensor, noise: torch.Tensor 
 # declaring the 30-GB cache as mutated would let functionalization copy it. The split count is derived
 # from the concrete batch inside, so one dynamic-shape compile serves every bucket. Off the GPU (CPU tests of
 # the same host path) it is gather + SDPA; Triton is imported inside, so this module imports without it.
+# With cos / sin, q and k come as projected and the op applies q/k-norm (weights None: none) and RoPE first.
 @torch.library.custom_op("npr::slot_decode", mutates_args=())
 def slot_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                 v_cache: torch.Tensor, layer: int, slots: torch.Tensor, table: torch.Tensor,
-                lens: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+                lens: torch.Tensor, rows: torch.Tensor, q_norm: torch.Tensor | None = None,
+                k_norm: torch.Tensor | None = None, eps: float = 0.0, cos: torch.Tensor | None = None,
+                sin: torch.Tensor | None = None) -> torch.Tensor:
     kc, vc = k_cache[layer], v_cache[layer]
     if q.device.type != "cuda":
+        if cos is not None:
+            q, k = (reference(x, w, w, x.shape[1], eps, cos, sin) for x, w in ((q, q_norm), (k, k_norm)))
         return _torch_slot_decode(q, k, v, kc, vc, slots, table, lens, rows)
     from engine.triton_attention import decode_attention
 
-    return decode_attention(q, kc, vc, table=table, lens=lens, rows=rows, new_kv=(k, v, slots))
+    t = q.shape[0]
+    rotate = None if cos is None else (q_norm, k_norm, eps, *(x.reshape(t, -1).contiguous() for x in (cos, sin)))
+    return decode_attention(q, kc, vc, table=table, lens=lens, rows=rows, new_kv=(k, v, slots), qk_norm_rope=rotate)
 
 
 def _torch_slot_decode(q, k, v, kc, vc, slots, table, lens, rows):
@@ -79,17 +87,31 @@ def _torch_slot_decode(q, k, v, kc, vc, slots, table, lens, rows):
 
 
 @slot_decode.register_fake
-def _(q, k, v, k_cache, v_cache, layer, slots, table, lens, rows):
-    return torch.empty_like(q)
+def _(q, k, v, k_cache, v_cache, layer, slots, table, lens, rows, q_norm=None, k_norm=None, eps=0.0, cos=None,
+      sin=None):
+    return torch.empty(q.shape, dtype=q.dtype, device=q.device)
+
+
+class SlotDecode:
+    """The decode step's attention backend (`slot_decode` per layer). `rotates_qk`: the model hands it q / k as
+    projected with their norm weights and cos / sin, and the attention launch norms and rotates them (one
+    kernel less per layer than engine/qk_rope.py's own, BENCHMARKS.md)."""
+
+    rotates_qk = True
+
+    def __init__(self, k_cache, v_cache, slots, table, lens, rows):
+        self.args = (k_cache, v_cache, slots, table, lens, rows)
+
+    def __call__(self, layer, q, k, v, rope=None, qk_norms=(None, None, 0.0)):
+        kc, vc, slots, table, lens, rows = self.args
+        cos, sin = rope if rope is not None else (None, None)
+        return torch.ops.npr.slot_decode(q, k, v, kc, vc, layer, slots, table, lens, rows, *qk_norms, cos, sin)
 
 
 def decode_step(model, ids, pos, k_cache, v_cache, slots, table, lens, rows, head_only: bool = False):
     """Logits of one decode step over the slot table (the function that is compiled): `compute_logits`, or with
     head_only the LM head's product in the model's dtype (the same values, not copied to float32)."""
-    def attn(layer, q, k, v):
-        return torch.ops.npr.slot_decode(q, k, v, k_cache, v_cache, layer, slots, table, lens, rows)
-
-    hidden = model(ids, pos, attn)
+    hidden = model(ids, pos, SlotDecode(k_cache, v_cache, slots, table, lens, rows))
     return model.head_logits(hidden) if head_only else model.compute_logits(hidden)
 
 

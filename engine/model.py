@@ -2,7 +2,8 @@
 
 Tokens are flat (no batch dimension): packed sequences or all live branches concatenated. Attention is
 delegated to a backend called as `attn(layer_idx, q, k, v)` after q/k-norm and RoPE, so the same module
-serves masked training (engine/attention.py) and paged decoding over KV slots. Parameter names equal
+serves masked training (engine/attention.py) and paged decoding over KV slots (a backend with `rotates_qk`, the
+CUDA-graph decode step's, gets q / k as projected plus `rope=` and `qk_norms=`, and applies both in its kernel). Parameter names equal
 HF's, so HF state dicts load with `load_state_dict(strict=True)` and our state dicts save as HF checkpoints.
 The engine may fuse q/k/v and gate/up into single GEMMs (`fuse_projections`, engine/fusion.py); HF names
 then address views of the fused weights (`named_weight_targets`), so weight updates keep working by name.
@@ -120,13 +121,27 @@ class Attention(nn.Module):
         o = attn(self.layer_idx, *self.qkv(x, rope))
         return self.o_proj(o.reshape(x.shape[0], self.hq * self.dh))
 
+    def projections(self, x) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q [T, Hq, Dh], k and v [T, Hkv, Dh] as projected, before q/k-norm and RoPE (with fused q/k/v: views of
+        its one output). A decode kernel that norms and rotates them itself takes these and `qk_norms()`."""
+        t = x.shape[0]
+        if hasattr(self, "qkv_proj"):
+            q, k, v = self.qkv_proj(x).split([self.hq * self.dh, self.hkv * self.dh, self.hkv * self.dh], -1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        return q.view(t, self.hq, self.dh), k.view(t, self.hkv, self.dh), v.view(t, self.hkv, self.dh)
+
+    def qk_norms(self) -> tuple[torch.Tensor | None, torch.Tensor | None, float]:
+        """(q_norm weight, k_norm weight, eps); (None, None, 0.0) for a model without q/k-norm."""
+        if hasattr(self, "q_norm"):
+            return self.q_norm.weight, self.k_norm.weight, self.q_norm.eps
+        return None, None, 0.0
+
     def qkv(self, x, rope: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """q [T, Hq, Dh], k and v [T, Hkv, Dh]: projections, q/k-norm and RoPE (what attention backends get)."""
         t = x.shape[0]
         if not hasattr(self, "qkv_proj"):
-            q = self.q_proj(x).view(t, self.hq, self.dh)
-            k = self.k_proj(x).view(t, self.hkv, self.dh)
-            v = self.v_proj(x).view(t, self.hkv, self.dh)
+            q, k, v = self.projections(x)
             if hasattr(self, "q_norm"):
                 q, k = self.q_norm(q), self.k_norm(k)
             return apply_rope(q, *rope), apply_rope(k, *rope), v
@@ -134,9 +149,8 @@ class Attention(nn.Module):
         # rotated together by one kernel (engine/qk_rope.py)
         qk, v = self.qkv_proj(x).split([(self.hq + self.hkv) * self.dh, self.hkv * self.dh], -1)
         qk, v = qk.view(t, self.hq + self.hkv, self.dh), v.view(t, self.hkv, self.dh)
-        norm = hasattr(self, "q_norm")
-        qk = norm_rope(qk, self.q_norm.weight if norm else None, self.k_norm.weight if norm else None, self.hq,
-                       self.q_norm.eps if norm else 0.0, *rope)
+        wq, wk, eps = self.qk_norms()
+        qk = norm_rope(qk, wq, wk, self.hq, eps, *rope)
         q, k = qk.split([self.hq, self.hkv], 1)
         return q, k, v
 
@@ -167,8 +181,12 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
 
     def forward(self, x, rope, attn):
-        q, k, v = self.attention_inputs(x, rope)
-        return self.attention_output_mlp(x, attn(self.self_attn.layer_idx, q, k, v))
+        a = self.self_attn
+        if getattr(attn, "rotates_qk", False):  # a decode kernel that applies q/k-norm and RoPE itself
+            o = attn(a.layer_idx, *a.projections(self.input_layernorm(x)), rope=rope, qk_norms=a.qk_norms())
+        else:
+            o = attn(a.layer_idx, *self.attention_inputs(x, rope))
+        return self.attention_output_mlp(x, o)
 
     # The layer in two halves around the attention call: the learner compiles each half (norms, RoPE,
     # SwiGLU and residuals fuse) and calls the attention backend, which is not traced, in between.

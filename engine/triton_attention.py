@@ -22,6 +22,7 @@ import triton
 import triton.language as tl
 
 from engine.paged_attention import PagedAttention
+from engine.triton_qk_rope import normed_rotated
 
 
 @triton.jit
@@ -55,11 +56,11 @@ def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
 
 @triton.jit
 def _decode_kernel(q_ptr, kc_ptr, vc_ptr, ptr_ptr, len_ptr, idx_ptr, out_ptr, mo_ptr, ml_ptr, lock_ptr,
-                   kn_ptr, vn_ptr, slot_ptr, scale_log2, stride_qt, stride_qh, stride_ot, stride_oh, table_stride,
-                   stride_kn, stride_vn,
+                   kn_ptr, vn_ptr, slot_ptr, wq_ptr, wk_ptr, cos_ptr, sin_ptr, eps, scale_log2, stride_qt, stride_qh,
+                   stride_ot, stride_oh, table_stride, stride_kn, stride_vn, stride_cos, stride_sin,
                    KV_ROW: tl.constexpr, GROUP: tl.constexpr, BLOCK_H: tl.constexpr, D: tl.constexpr,
                    BLOCK_N: tl.constexpr, SPLITS: tl.constexpr, PADDED: tl.constexpr, PREC: tl.constexpr,
-                   INDIRECT: tl.constexpr, NEW_KV: tl.constexpr):
+                   INDIRECT: tl.constexpr, NEW_KV: tl.constexpr, ROTATE: tl.constexpr, NORM: tl.constexpr):
     row = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -84,8 +85,12 @@ def _decode_kernel(q_ptr, kc_ptr, vc_ptr, ptr_ptr, len_ptr, idx_ptr, out_ptr, mo
     offs_d = tl.arange(0, D)
     heads = kvh * GROUP + offs_h
     hmask = offs_h < GROUP
-    q = tl.load(q_ptr + row * stride_qt + heads[:, None] * stride_qh + offs_d[None, :],
-                mask=hmask[:, None], other=0.0)
+    q_ptrs = q_ptr + row * stride_qt + heads[:, None] * stride_qh + offs_d[None, :]
+    if ROTATE:  # q and the new k come as projected: q/k-norm (NORM) and RoPE here (engine/triton_qk_rope.py)
+        cos_row, sin_row = cos_ptr + row * stride_cos, sin_ptr + row * stride_sin
+        q = normed_rotated(q_ptrs, hmask[:, None], wq_ptr, wk_ptr, offs_h[:, None] >= 0, cos_row, sin_row, eps, NORM, D)
+    else:
+        q = tl.load(q_ptrs, mask=hmask[:, None], other=0.0)
     m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_H], tl.float32)
     acc = tl.zeros([BLOCK_H, D], tl.float32)
@@ -106,7 +111,12 @@ def _decode_kernel(q_ptr, kc_ptr, vc_ptr, ptr_ptr, len_ptr, idx_ptr, out_ptr, mo
         m_i = m_new
     if NEW_KV:
         if (n > 0) & (lo <= n - 1) & (n - 1 < hi):
-            k_new = tl.load(kn_ptr + row * stride_kn + kvh * D + offs_d)
+            kn_ptrs = kn_ptr + row * stride_kn + kvh * D + offs_d
+            if ROTATE:
+                k_new = tl.reshape(normed_rotated(kn_ptrs[None, :], offs_d[None, :] < D, wq_ptr, wk_ptr, offs_d[None, :] < 0,
+                                                  cos_row, sin_row, eps, NORM, D), [D])
+            else:
+                k_new = tl.load(kn_ptrs)
             v_new = tl.load(vn_ptr + row * stride_vn + kvh * D + offs_d)
             slot = tl.load(slot_ptr + row).to(tl.int64)
             if slot >= 0:  # < 0: a padding row of a CUDA-graph bucket writes nothing
@@ -197,7 +207,7 @@ def default_splits(rows: int, num_kv_heads: int, device: torch.device) -> int:
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, *,
                      indptr: torch.Tensor | None = None, indices: torch.Tensor | None = None,
                      table: torch.Tensor | None = None, lens: torch.Tensor | None = None,
-                     rows: torch.Tensor | None = None, new_kv: tuple | None = None,
+                     rows: torch.Tensor | None = None, new_kv: tuple | None = None, qk_norm_rope: tuple | None = None,
                      num_splits: int | None = None, out: torch.Tensor | None = None, block_n: int | None = None,
                      num_warps: int = 4, num_stages: int | None = None) -> torch.Tensor:
     """q [R, Hq, D]; caches [S, Hkv, D]; context of row r: CSR `indices[indptr[r]:indptr[r+1]]` or the
@@ -206,7 +216,10 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     new_kv = (k [R, Hkv, D], v [R, Hkv, D], slots int32 [R]): the fused KV write of a decode step. Each row's
     last context entry is then its new token: k[r], v[r] are written to `slots[r]` (< 0: not written) and
     attended to from registers, never read back from the cache. A row's context must not hold another row's
-    new slot (true of decoding: a token is seen by later steps only)."""
+    new slot (true of decoding: a token is seen by later steps only).
+    qk_norm_rope = (q_weight [D] | None, k_weight [D] | None, eps, cos [R, D], sin [R, D]), with new_kv only: q and
+    the new k come as projected, and the kernel applies engine/qk_rope.py's q/k-norm (weights None: none) and
+    RoPE to them itself (one kernel less per layer in a decode step; the cache holds the rotated k)."""
     r, hq, d = q.shape
     hkv = k_cache.shape[1]
     assert hq % hkv == 0 and k_cache.shape[2] == d and q.stride(2) == 1
@@ -230,6 +243,18 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         assert k_cache.is_contiguous() and v_cache.is_contiguous() and new_slots.shape == (r,)
     else:
         k_new = v_new = new_slots = out  # unused placeholders
+    wq = wk = cos = sin = out  # unused placeholders without qk_norm_rope
+    eps, norm = 0.0, False
+    if qk_norm_rope is not None:
+        wq, wk, eps, cos, sin = qk_norm_rope
+        if new_kv is None or (wq is None) != (wk is None) or d % 2 or cos.shape != (r, d) or sin.shape != (r, d) \
+                or cos.stride(1) != 1 or sin.stride(1) != 1 or (wq is not None and (wq.shape != (d,) or wk.shape != (d,))):
+            raise ValueError(f"decode_attention: qk_norm_rope needs new_kv, cos / sin [R, D] = {(r, d)} with unit stride "
+                             f"along D (got {tuple(cos.shape)} / {tuple(sin.shape)}), an even D and both norm weights "
+                             f"[D] or neither")
+        norm = wq is not None
+        if not norm:
+            wq = wk = out
     splits = num_splits or default_splits(r, hkv, q.device)
     block_n = block_n or default_block_n(r, hkv)
     num_stages = num_stages or default_stages(r, hkv)
@@ -242,12 +267,13 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         ml = torch.empty(r, hq, splits, dtype=torch.float32, device=q.device)
         locks = arrival_counters(q.device, r * hkv)
     _decode_kernel[(r, hkv, splits)](
-        q, k_cache, v_cache, ptr, ln, idx, out, mo, ml, locks, k_new, v_new, new_slots,
+        q, k_cache, v_cache, ptr, ln, idx, out, mo, ml, locks, k_new, v_new, new_slots, wq, wk, cos, sin, eps,
         math.log2(math.e) / math.sqrt(d), q.stride(0), q.stride(1), out.stride(0), out.stride(1), tstride,
-        k_new.stride(0), v_new.stride(0),
+        k_new.stride(0), v_new.stride(0), cos.stride(0), sin.stride(0),
         KV_ROW=hkv * d, GROUP=group, BLOCK_H=max(16, triton.next_power_of_2(group)), D=d,
         BLOCK_N=block_n, SPLITS=splits, PADDED=padded, INDIRECT=padded and rows is not None,
-        NEW_KV=new_kv is not None, num_warps=num_warps, num_stages=num_stages,
+        NEW_KV=new_kv is not None, ROTATE=qk_norm_rope is not None, NORM=norm, num_warps=num_warps,
+        num_stages=num_stages,
         PREC="ieee" if q.dtype == torch.float32 else "tf32")  # float32 caches (tests): no tf32 rounding
     return out
 

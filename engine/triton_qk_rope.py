@@ -12,37 +12,45 @@ import triton.language as tl
 
 
 @triton.jit
+def normed_rotated(ptrs, mask, wq_ptr, wk_ptr, is_q, cos_ptr, sin_ptr, eps, NORM: tl.constexpr, D: tl.constexpr):
+    """Head vectors [M, D] at `ptrs` (unit stride along D), RMSNorm'd (NORM; rows where `is_q` [M, 1] with q_norm's
+    weight, the others with k_norm's) then rotated by the cos / sin [D] of their token, in their dtype. Each
+    element is read with its RoPE partner (d +- D/2), so the result keeps the [M, D] shape `tl.dot` takes: decode
+    attention calls this on its q heads and new k (the fused prologue), the kernel below on all of a token's."""
+    d = tl.arange(0, D)
+    partner = (d + D // 2) % D
+    x = tl.load(ptrs, mask=mask, other=0.0)
+    xp = tl.load(ptrs + (partner - d)[None, :], mask=mask, other=0.0)
+    dtype = x.dtype
+    if NORM:
+        a, ap = x.to(tl.float32), xp.to(tl.float32)
+        rstd = tl.rsqrt(tl.sum(a * a, 1) / D + eps)[:, None]
+        w = tl.where(is_q, tl.load(wq_ptr + d)[None, :], tl.load(wk_ptr + d)[None, :]).to(tl.float32)
+        wp = tl.where(is_q, tl.load(wq_ptr + partner)[None, :], tl.load(wk_ptr + partner)[None, :]).to(tl.float32)
+        x = (w * (a * rstd).to(dtype).to(tl.float32)).to(dtype)
+        xp = (wp * (ap * rstd).to(dtype).to(tl.float32)).to(dtype)
+    c = tl.load(cos_ptr + d).to(tl.float32)[None, :]
+    s = tl.load(sin_ptr + d).to(tl.float32)[None, :]
+    y, yp = x.to(tl.float32), xp.to(tl.float32)
+    return tl.where(d[None, :] < D // 2, y * c - yp * s, y * c + yp * s).to(dtype)  # rotate_half: (-x2, x1)
+
+
+@triton.jit
 def _qk_norm_rope_kernel(x_ptr, wq_ptr, wk_ptr, cos_ptr, sin_ptr, out_ptr, H, NQ, stride_xt, stride_xh, stride_ct,
-                         stride_st, eps, NORM: tl.constexpr, HALF: tl.constexpr, BLOCK_H: tl.constexpr):
+                         stride_st, eps, NORM: tl.constexpr, D: tl.constexpr, BLOCK_H: tl.constexpr):
     t = tl.program_id(0)
     h = tl.arange(0, BLOCK_H)
-    d = tl.arange(0, HALF)
+    d = tl.arange(0, D)
     hm = (h < H)[:, None]
-    x_off = t.to(tl.int64) * stride_xt + h[:, None] * stride_xh + d[None, :]
-    x1 = tl.load(x_ptr + x_off, mask=hm, other=0.0)  # each head's two RoPE halves
-    x2 = tl.load(x_ptr + x_off + HALF, mask=hm, other=0.0)
-    dtype = x1.dtype
-    if NORM:
-        a1, a2 = x1.to(tl.float32), x2.to(tl.float32)
-        rstd = tl.rsqrt((tl.sum(a1 * a1, 1) + tl.sum(a2 * a2, 1)) / (2 * HALF) + eps)[:, None]
-        is_q = (h < NQ)[:, None]  # heads [0, NQ) are q heads (q_norm's weight), the rest k heads
-        w1 = tl.where(is_q, tl.load(wq_ptr + d)[None, :], tl.load(wk_ptr + d)[None, :]).to(tl.float32)
-        w2 = tl.where(is_q, tl.load(wq_ptr + HALF + d)[None, :], tl.load(wk_ptr + HALF + d)[None, :]).to(tl.float32)
-        x1 = (w1 * (a1 * rstd).to(dtype).to(tl.float32)).to(dtype)
-        x2 = (w2 * (a2 * rstd).to(dtype).to(tl.float32)).to(dtype)
-    c1 = tl.load(cos_ptr + t * stride_ct + d).to(tl.float32)[None, :]
-    c2 = tl.load(cos_ptr + t * stride_ct + HALF + d).to(tl.float32)[None, :]
-    s1 = tl.load(sin_ptr + t * stride_st + d).to(tl.float32)[None, :]
-    s2 = tl.load(sin_ptr + t * stride_st + HALF + d).to(tl.float32)[None, :]
-    y1, y2 = x1.to(tl.float32), x2.to(tl.float32)
-    o_off = (t.to(tl.int64) * H + h[:, None]) * (2 * HALF) + d[None, :]
-    tl.store(out_ptr + o_off, (y1 * c1 - y2 * s1).to(dtype), mask=hm)
-    tl.store(out_ptr + o_off + HALF, (y2 * c2 + y1 * s2).to(dtype), mask=hm)
+    x_ptrs = x_ptr + t.to(tl.int64) * stride_xt + h[:, None] * stride_xh + d[None, :]
+    y = normed_rotated(x_ptrs, hm, wq_ptr, wk_ptr, (h < NQ)[:, None], cos_ptr + t * stride_ct, sin_ptr + t * stride_st,
+                       eps, NORM, D)  # heads [0, NQ) are q heads (q_norm's weight), the rest k heads
+    tl.store(out_ptr + (t.to(tl.int64) * H + h[:, None]) * D + d[None, :], y, mask=hm)
 
 
 def qk_norm_rope_cuda(qk: torch.Tensor, q_weight: torch.Tensor | None, k_weight: torch.Tensor | None,
                       num_q: int, eps: float, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """qk [T, H, D] with D a power of two and unit stride along D (engine/qk_rope.py checks)."""
+    """qk [T, H, D] with D an even power of two and unit stride along D (engine/qk_rope.py checks)."""
     t, h, d = qk.shape
     cos, sin = cos.reshape(t, d), sin.reshape(t, d)
     if cos.stride(1) != 1 or sin.stride(1) != 1:
@@ -51,5 +59,5 @@ def qk_norm_rope_cuda(qk: torch.Tensor, q_weight: torch.Tensor | None, k_weight:
     out = torch.empty(t, h, d, dtype=qk.dtype, device=qk.device)
     _qk_norm_rope_kernel[(t,)](qk, q_weight if norm else qk, k_weight if norm else qk, cos, sin, out, h, num_q,
                                qk.stride(0), qk.stride(1), cos.stride(0), sin.stride(0), eps, NORM=norm,
-                               HALF=d // 2, BLOCK_H=triton.next_power_of_2(h), num_warps=4)
+                               D=d, BLOCK_H=triton.next_power_of_2(h), num_warps=4)
     return out

@@ -125,6 +125,46 @@ def test_fused_kv_write_matches_store_then_attend(splits):
     assert int(arrival_counters(q.device, rows * hkv)[:rows * hkv].abs().sum()) == 0
 
 
+@pytest.mark.parametrize("splits,norm", [(1, True), (4, True), (2, False)])
+def test_fused_qk_norm_rope_matches_rotating_first(splits, norm, dev="cuda"):
+    """decode_attention(qk_norm_rope=...) on projected q / k == the q/k-norm + RoPE kernel, then decode_attention:
+    the same cache contents (the rotated k written) and the same output; bad arguments are refused."""
+    from engine.triton_attention import decode_attention
+    from engine.triton_qk_rope import qk_norm_rope_cuda
+
+    gen = torch.Generator().manual_seed(7 + splits)
+    hq, hkv, d, rows = 32, 8, 128, 5
+    kc = torch.randn(3000, hkv, d, generator=gen).to(dev, torch.bfloat16)
+    vc = torch.randn(3000, hkv, d, generator=gen).to(dev, torch.bfloat16)
+    lens = torch.tensor([40, 1, 0, 77, 9], dtype=torch.int32)
+    slots = torch.tensor([2900, 2901, -1, 2902, -1], dtype=torch.int32)
+    table = torch.randint(0, 2800, (rows, 80), generator=gen, dtype=torch.int32)
+    for r in range(rows):
+        if lens[r] > 0 and slots[r] >= 0:
+            table[r, lens[r] - 1] = slots[r]
+    qk = (3 * torch.randn(rows, hq + hkv, d, generator=gen)).to(dev, torch.bfloat16)
+    v = torch.randn(rows, hkv, d, generator=gen).to(dev, torch.bfloat16)
+    ang = torch.rand(rows, d // 2, generator=gen) * 100
+    cos, sin = (torch.cat([f(ang), f(ang)], -1).to(dev, torch.bfloat16) for f in (torch.cos, torch.sin))
+    wq, wk = ((1 + torch.randn(d, generator=gen) / 4).to(dev, torch.bfloat16) for _ in range(2))
+    weights = (wq, wk) if norm else (None, None)
+    table, lens, slots = table.to(dev), lens.to(dev), slots.to(dev)
+    ref_k, ref_v = kc.clone(), vc.clone()
+    rot = qk_norm_rope_cuda(qk, *weights, hq, 1e-6, cos[:, None], sin[:, None])
+    ref = decode_attention(rot[:, :hq], ref_k, ref_v, table=table, lens=lens, new_kv=(rot[:, hq:], v, slots),
+                           num_splits=splits)
+    q, k = qk[:, :hq], qk[:, hq:]  # views of one [T, Hq + Hkv, D] tensor, as the fused q/k/v projection gives them
+    out = decode_attention(q, kc, vc, table=table, lens=lens, new_kv=(k, v, slots), num_splits=splits,
+                           qk_norm_rope=(*weights, 1e-6, cos, sin))
+    assert torch.equal(kc, ref_k) and torch.equal(vc, ref_v)
+    assert torch.equal(out, ref)  # the same arithmetic on the same bf16 q and k, only where it happens differs
+    for bad in [(wq, None, 1e-6, cos, sin), (*weights, 1e-6, cos[:, :64], sin), (*weights, 1e-6, cos[:4], sin[:4])]:
+        with pytest.raises(ValueError, match="qk_norm_rope"):
+            decode_attention(q, kc, vc, table=table, lens=lens, new_kv=(k, v, slots), qk_norm_rope=bad)
+    with pytest.raises(ValueError, match="qk_norm_rope needs new_kv"):
+        decode_attention(q, kc, vc, table=table, lens=lens, qk_norm_rope=(*weights, 1e-6, cos, sin))
+
+
 def test_backend_matches_torch_backend():
     """TritonPagedAttention == PagedAttention on a mixed forward: decodes, a forked pair, a small extend."""
     from engine.kv_store import KVStore
