@@ -57,6 +57,9 @@ def main() -> int:
                     "`rows` apart)")
     ap.add_argument("--graph", type=int, default=0, help="1: time inside a CUDA graph (no launch overhead; "
                     "small batches are launch-bound otherwise)")
+    ap.add_argument("--defaults", type=int, default=0, help="1: only the engine's default configuration per case")
+    ap.add_argument("--rotate", default="0", help="comma-separated: 1 = q / k come as projected and the launch "
+                    "applies q/k-norm and RoPE (`qk_norm_rope`, as the engine's decode step), 0 = already rotated")
     ap.add_argument("--out", required=True)
     a = ap.parse_args()
     hq, hkv, d, dev = 32, 8, 128, torch.device("cuda")
@@ -82,11 +85,19 @@ def main() -> int:
         writes = {id(t): (kc[t[:, -1].long()].clone(), vc[t[:, -1].long()].clone(), t[:, -1].contiguous())
                   for t in tables}
         new_kv = lambda t: writes[id(t)]  # noqa: E731
-        ref = decode_attention(q, kc, vc, table=table, lens=lens, new_kv=new_kv(table))
-        for s, bn, w, st in itertools.product(*(map(int, x.split(",")) for x in (a.splits, a.block_n, a.warps, a.stages))):
-            def call(t, s=s, bn=bn, w=w, st=st):
+        kw = inspect.signature(decode_attention).parameters  # the engine's defaults, whatever they are now
+        dflt_cfg = (case["default_splits"], default_block_n(rows, hkv), kw["num_warps"].default,
+                    default_stages(rows, hkv))
+        cos, sin = torch.randn(2, rows, d, device=dev, dtype=torch.bfloat16)
+        norms = torch.rand(2, d, device=dev, dtype=torch.bfloat16) + 0.5
+        configs = itertools.product(*(map(int, x.split(",")) for x in (a.splits, a.block_n, a.warps, a.stages)))
+        for rot, (s, bn, w, st) in itertools.product(map(int, a.rotate.split(",")), [dflt_cfg] if a.defaults else configs):
+            rotate = (*norms, 1e-6, cos, sin) if rot else None
+
+            def call(t, s=s, bn=bn, w=w, st=st, rotate=rotate):
                 return decode_attention(q, kc, vc, table=t, lens=lens, new_kv=new_kv(t), num_splits=s, block_n=bn,
-                                        num_warps=w, num_stages=st)
+                                        num_warps=w, num_stages=st, qk_norm_rope=rotate)
+            ref = decode_attention(q, kc, vc, table=table, lens=lens, new_kv=new_kv(table), qk_norm_rope=rotate)
             try:
                 err = (call(table).float() - ref.float()).abs().max().item()
                 if a.graph:  # as in the engine: one CUDA graph, successive calls over different slots (layers)
@@ -94,22 +105,21 @@ def main() -> int:
                 else:
                     ms = triton.testing.do_bench(lambda: call(table))
             except Exception as e:  # out of shared memory for a tile shape: record it and go on
-                case["configs"].append({"splits": s, "block_n": bn, "warps": w, "stages": st, "error": str(e)[:120]})
+                case["configs"].append({"splits": s, "block_n": bn, "warps": w, "stages": st, "rotate": rot,
+                                        "error": str(e)[:120]})
                 continue
-            case["configs"].append({"splits": s, "block_n": bn, "warps": w, "stages": st, "us": ms * 1e3,
+            case["configs"].append({"splits": s, "block_n": bn, "warps": w, "stages": st, "rotate": rot, "us": ms * 1e3,
                                     "gbs": nbytes / ms / 1e6, "max_err": err})
-        ok = [c for c in case["configs"] if "us" in c]
-        best = min(ok, key=lambda c: c["us"])
-        kw = inspect.signature(decode_attention).parameters  # the engine's defaults, whatever they are now
-        dflt_cfg = (case["default_splits"], default_block_n(rows, hkv), kw["num_warps"].default,
-                    default_stages(rows, hkv))
-        dflt = next((c for c in ok if (c["splits"], c["block_n"], c["warps"], c["stages"]) == dflt_cfg), None)
-        case["best"], case["default"] = best, dflt
         res["cases"].append(case)
-        print(f"rows {rows} ctx {ctx} {layout}: copy {copy_gbs:.0f} GB/s | default {dflt and round(dflt['gbs'])} GB/s "
-              f"({dflt and round(dflt['us'])} us) | best {best['gbs']:.0f} GB/s ({best['us']:.0f} us) "
-              f"splits {best['splits']} block_n {best['block_n']} warps {best['warps']} stages {best['stages']}",
-              flush=True)
+        for rot in map(int, a.rotate.split(",")):
+            ok = [c for c in case["configs"] if "us" in c and c["rotate"] == rot]
+            best = min(ok, key=lambda c: c["us"])
+            dflt = next((c for c in ok if (c["splits"], c["block_n"], c["warps"], c["stages"]) == dflt_cfg), None)
+            case[f"best_rotate{rot}"], case[f"default_rotate{rot}"] = best, dflt
+            print(f"rows {rows} ctx {ctx} {layout} rotate {rot}: copy {copy_gbs:.0f} GB/s | default "
+                  f"{dflt and round(dflt['gbs'])} GB/s ({dflt and round(dflt['us'], 1)} us) | best {best['gbs']:.0f} GB/s "
+                  f"({best['us']:.1f} us) splits {best['splits']} block_n {best['block_n']} warps {best['warps']} "
+                  f"stages {best['stages']}", flush=True)
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(res, indent=1))
     return 0

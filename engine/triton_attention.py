@@ -177,6 +177,14 @@ def _tiny(rows: int, num_kv_heads: int) -> bool:
     return rows * num_kv_heads < 32
 
 
+def rotates_inside(rows: int, num_kv_heads: int) -> bool:
+    """Whether a launch with `qk_norm_rope` norms and rotates q / k in its own programs: below 1024 programs,
+    where that saves the q/k kernel's launch (~3 us per layer) for +1.2 / 1.8 / 2.4 us at 1 / 16 / 64 rows; at
+    256 rows one program per SM runs at a time (128-slot tiles), the prologue's latency is exposed in every
+    wave and costs +9 us (H200, context 256, CUDA graph: BENCHMARKS.md)."""
+    return rows * num_kv_heads < 1024
+
+
 def default_block_n(rows: int, num_kv_heads: int) -> int:
     """32-slot tiles up to 16 rows of 8 KV heads, 128 from 128 rows on (at 256 rows x 256-384 slots: 71 vs
     74 us and 103 vs 107 us per layer against 64, H200 in a CUDA graph), 64 between (best at 64 rows)."""
@@ -218,8 +226,9 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     attended to from registers, never read back from the cache. A row's context must not hold another row's
     new slot (true of decoding: a token is seen by later steps only).
     qk_norm_rope = (q_weight [D] | None, k_weight [D] | None, eps, cos [R, D], sin [R, D]), with new_kv only: q and
-    the new k come as projected, and the kernel applies engine/qk_rope.py's q/k-norm (weights None: none) and
-    RoPE to them itself (one kernel less per layer in a decode step; the cache holds the rotated k)."""
+    the new k come as projected, and engine/qk_rope.py's q/k-norm (weights None: none) and RoPE apply to them
+    before they are used (the cache holds the rotated k): inside this launch where `rotates_inside` says so,
+    else by the q/k kernel just before it."""
     r, hq, d = q.shape
     hkv = k_cache.shape[1]
     assert hq % hkv == 0 and k_cache.shape[2] == d and q.stride(2) == 1
@@ -253,7 +262,13 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
                              f"along D (got {tuple(cos.shape)} / {tuple(sin.shape)}), an even D and both norm weights "
                              f"[D] or neither")
         norm = wq is not None
-        if not norm:
+        if not rotates_inside(r, hkv):
+            from engine.triton_qk_rope import rotate_q_k
+
+            qk = rotate_q_k(q, k_new.view(r, hkv, d), wq, wk, eps, cos, sin)
+            q, k_new = qk[:, :hq], qk[:, hq:].reshape(r, hkv * d)
+            qk_norm_rope, norm, wq, wk, cos, sin = None, False, out, out, out, out
+        elif not norm:
             wq = wk = out
     splits = num_splits or default_splits(r, hkv, q.device)
     block_n = block_n or default_block_n(r, hkv)

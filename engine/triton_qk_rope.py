@@ -36,28 +36,38 @@ def normed_rotated(ptrs, mask, wq_ptr, wk_ptr, is_q, cos_ptr, sin_ptr, eps, NORM
 
 
 @triton.jit
-def _qk_norm_rope_kernel(x_ptr, wq_ptr, wk_ptr, cos_ptr, sin_ptr, out_ptr, H, NQ, stride_xt, stride_xh, stride_ct,
-                         stride_st, eps, NORM: tl.constexpr, D: tl.constexpr, BLOCK_H: tl.constexpr):
-    t = tl.program_id(0)
+def _qk_norm_rope_kernel(q_ptr, k_ptr, wq_ptr, wk_ptr, cos_ptr, sin_ptr, out_ptr, H, NQ, stride_qt, stride_qh,
+                         stride_kt, stride_kh, stride_ct, stride_st, eps, NORM: tl.constexpr, D: tl.constexpr,
+                         BLOCK_H: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
     h = tl.arange(0, BLOCK_H)
     d = tl.arange(0, D)
     hm = (h < H)[:, None]
-    x_ptrs = x_ptr + t.to(tl.int64) * stride_xt + h[:, None] * stride_xh + d[None, :]
-    y = normed_rotated(x_ptrs, hm, wq_ptr, wk_ptr, (h < NQ)[:, None], cos_ptr + t * stride_ct, sin_ptr + t * stride_st,
-                       eps, NORM, D)  # heads [0, NQ) are q heads (q_norm's weight), the rest k heads
-    tl.store(out_ptr + (t.to(tl.int64) * H + h[:, None]) * D + d[None, :], y, mask=hm)
+    is_q = h < NQ  # heads [0, NQ) are q's (q_norm's weight), the rest k's
+    heads = tl.where(is_q, q_ptr + t * stride_qt + h * stride_qh, k_ptr + t * stride_kt + (h - NQ) * stride_kh)
+    y = normed_rotated(heads[:, None] + d[None, :], hm, wq_ptr, wk_ptr, is_q[:, None], cos_ptr + t * stride_ct,
+                       sin_ptr + t * stride_st, eps, NORM, D)
+    tl.store(out_ptr + (t * H + h[:, None]) * D + d[None, :], y, mask=hm)
 
 
 def qk_norm_rope_cuda(qk: torch.Tensor, q_weight: torch.Tensor | None, k_weight: torch.Tensor | None,
                       num_q: int, eps: float, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """qk [T, H, D] with D an even power of two and unit stride along D (engine/qk_rope.py checks)."""
-    t, h, d = qk.shape
-    cos, sin = cos.reshape(t, d), sin.reshape(t, d)
+    t, _, d = qk.shape
+    return rotate_q_k(qk[:, :num_q], qk[:, num_q:], q_weight, k_weight, eps, cos.reshape(t, d), sin.reshape(t, d))
+
+
+def rotate_q_k(q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor | None, k_weight: torch.Tensor | None,
+               eps: float, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """q [T, Hq, D] and k [T, Hk, D] (any strides but unit along D), cos / sin [T, D] -> one new contiguous
+    [T, Hq + Hk, D]: q's heads normed with q_weight, k's with k_weight (None: no norm), all rotated."""
+    t, hq, d = q.shape
+    h = hq + k.shape[1]
     if cos.stride(1) != 1 or sin.stride(1) != 1:
         cos, sin = cos.contiguous(), sin.contiguous()
     norm = q_weight is not None
-    out = torch.empty(t, h, d, dtype=qk.dtype, device=qk.device)
-    _qk_norm_rope_kernel[(t,)](qk, q_weight if norm else qk, k_weight if norm else qk, cos, sin, out, h, num_q,
-                               qk.stride(0), qk.stride(1), cos.stride(0), sin.stride(0), eps, NORM=norm,
-                               D=d, BLOCK_H=triton.next_power_of_2(h), num_warps=4)
+    out = torch.empty(t, h, d, dtype=q.dtype, device=q.device)
+    _qk_norm_rope_kernel[(t,)](q, k, q_weight if norm else q, k_weight if norm else q, cos, sin, out, h, hq,
+                               q.stride(0), q.stride(1), k.stride(0), k.stride(1), cos.stride(0), sin.stride(0), eps,
+                               NORM=norm, D=d, BLOCK_H=triton.next_power_of_2(h), num_warps=4)
     return out

@@ -125,12 +125,17 @@ def test_fused_kv_write_matches_store_then_attend(splits):
     assert int(arrival_counters(q.device, rows * hkv)[:rows * hkv].abs().sum()) == 0
 
 
-@pytest.mark.parametrize("splits,norm", [(1, True), (4, True), (2, False)])
-def test_fused_qk_norm_rope_matches_rotating_first(splits, norm, dev="cuda"):
+@pytest.mark.parametrize("splits,norm,inside", [(1, True, True), (4, True, True), (2, False, True), (1, True, False),
+                                               (2, False, False)])
+def test_fused_qk_norm_rope_matches_rotating_first(monkeypatch, splits, norm, inside, dev="cuda"):
     """decode_attention(qk_norm_rope=...) on projected q / k == the q/k-norm + RoPE kernel, then decode_attention:
-    the same cache contents (the rotated k written) and the same output; bad arguments are refused."""
+    the same cache contents (the rotated k written) and the same output, whether the launch rotates them
+    itself or has the q/k kernel do it first (`rotates_inside`); bad arguments are refused."""
+    from engine import triton_attention
     from engine.triton_attention import decode_attention
     from engine.triton_qk_rope import qk_norm_rope_cuda
+
+    monkeypatch.setattr(triton_attention, "rotates_inside", lambda rows, hkv: inside)
 
     gen = torch.Generator().manual_seed(7 + splits)
     hq, hkv, d, rows = 32, 8, 128, 5
