@@ -386,7 +386,7 @@ def main(argv=None) -> int:
     ap.add_argument("--fuse", type=int, default=1, help="fused q/k/v and gate/up GEMMs (engine inference)")
     ap.add_argument("--llm", default="1x4,16x4", help="engine.LLM loop cases RxK ('' skips)")
     ap.add_argument("--llm-eager", type=int, default=1, help="0: the engine.LLM cases with CUDA graphs only")
-    ap.add_argument("--step-ahead", default="0", help="engine.llm.STEP_AHEAD values for the engine.LLM cases "
+    ap.add_argument("--step-ahead", default="1", help="engine.llm.STEP_AHEAD values for the engine.LLM cases "
                     "with graphs, e.g. 0,1 (each case runs once per value)")
     ap.add_argument("--llm-slots", type=int, default=0, help="KV slots of the engine.LLM runs (0: the largest "
                     "case whole, no preemption)")
