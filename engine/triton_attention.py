@@ -60,7 +60,8 @@ def _decode_kernel(q_ptr, kc_ptr, vc_ptr, ptr_ptr, len_ptr, idx_ptr, out_ptr, mo
                    stride_ot, stride_oh, table_stride, stride_kn, stride_vn, stride_cos, stride_sin,
                    KV_ROW: tl.constexpr, GROUP: tl.constexpr, BLOCK_H: tl.constexpr, D: tl.constexpr,
                    BLOCK_N: tl.constexpr, SPLITS: tl.constexpr, PADDED: tl.constexpr, PREC: tl.constexpr,
-                   INDIRECT: tl.constexpr, NEW_KV: tl.constexpr, ROTATE: tl.constexpr, NORM: tl.constexpr):
+                   INDIRECT: tl.constexpr, NEW_KV: tl.constexpr, ROTATE: tl.constexpr, NORM: tl.constexpr,
+                   STAGES: tl.constexpr):
     row = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -94,7 +95,9 @@ def _decode_kernel(q_ptr, kc_ptr, vc_ptr, ptr_ptr, len_ptr, idx_ptr, out_ptr, mo
     m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_H], tl.float32)
     acc = tl.zeros([BLOCK_H, D], tl.float32)
-    for s in range(lo, cache_hi, BLOCK_N):
+    # tl.range with the stage count: a plain range here was never software-pipelined (no cp.async in the PTX),
+    # whatever the launch's num_stages; this one streams the gathered K/V tiles through shared memory
+    for s in tl.range(lo, cache_hi, BLOCK_N, num_stages=STAGES):
         offs_n = s + tl.arange(0, BLOCK_N)
         nmask = offs_n < cache_hi
         slots = tl.load(idx_ptr + start + offs_n, mask=nmask, other=0).to(tl.int64)
@@ -287,8 +290,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         k_new.stride(0), v_new.stride(0), cos.stride(0), sin.stride(0),
         KV_ROW=hkv * d, GROUP=group, BLOCK_H=max(16, triton.next_power_of_2(group)), D=d,
         BLOCK_N=block_n, SPLITS=splits, PADDED=padded, INDIRECT=padded and rows is not None,
-        NEW_KV=new_kv is not None, ROTATE=qk_norm_rope is not None, NORM=norm, num_warps=num_warps,
-        num_stages=num_stages,
+        NEW_KV=new_kv is not None, ROTATE=qk_norm_rope is not None, NORM=norm, STAGES=num_stages,
+        num_warps=num_warps, num_stages=num_stages,
         PREC="ieee" if q.dtype == torch.float32 else "tf32")  # float32 caches (tests): no tf32 rounding
     return out
 
