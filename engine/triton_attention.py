@@ -95,8 +95,8 @@ def _decode_kernel(q_ptr, kc_ptr, vc_ptr, ptr_ptr, len_ptr, idx_ptr, out_ptr, mo
     m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_H], tl.float32)
     acc = tl.zeros([BLOCK_H, D], tl.float32)
-    # tl.range with the stage count: a plain range here was never software-pipelined (no cp.async in the PTX),
-    # whatever the launch's num_stages; this one streams the gathered K/V tiles through shared memory
+    # The stage count on the loop itself: Triton 3.5.1 left a plain range here unpipelined whatever the launch's
+    # num_stages (no cp.async in the PTX); the GPU machine's Triton pipelines both alike (same times on an H200)
     for s in tl.range(lo, cache_hi, BLOCK_N, num_stages=STAGES):
         offs_n = s + tl.arange(0, BLOCK_N)
         nmask = offs_n < cache_hi
