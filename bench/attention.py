@@ -91,7 +91,8 @@ def main() -> int:
         cos, sin = torch.randn(2, rows, d, device=dev, dtype=torch.bfloat16)
         norms = torch.rand(2, d, device=dev, dtype=torch.bfloat16) + 0.5
         configs = itertools.product(*(map(int, x.split(",")) for x in (a.splits, a.block_n, a.warps, a.stages)))
-        for rot, (s, bn, w, st) in itertools.product(map(int, a.rotate.split(",")), [dflt_cfg] if a.defaults else configs):
+        rotations = map(int, a.rotate.split(","))
+        for rot, (s, bn, w, st) in itertools.product(rotations, [dflt_cfg] if a.defaults else configs):
             rotate = (*norms, 1e-6, cos, sin) if rot else None
 
             def call(t, s=s, bn=bn, w=w, st=st, rotate=rotate):
@@ -108,8 +109,8 @@ def main() -> int:
                 case["configs"].append({"splits": s, "block_n": bn, "warps": w, "stages": st, "rotate": rot,
                                         "error": str(e)[:120]})
                 continue
-            case["configs"].append({"splits": s, "block_n": bn, "warps": w, "stages": st, "rotate": rot, "us": ms * 1e3,
-                                    "gbs": nbytes / ms / 1e6, "max_err": err})
+            case["configs"].append({"splits": s, "block_n": bn, "warps": w, "stages": st, "rotate": rot,
+                                    "us": ms * 1e3, "gbs": nbytes / ms / 1e6, "max_err": err})
         res["cases"].append(case)
         for rot in map(int, a.rotate.split(",")):
             ok = [c for c in case["configs"] if "us" in c and c["rotate"] == rot]

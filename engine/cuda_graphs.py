@@ -94,8 +94,8 @@ def _(q, k, v, k_cache, v_cache, layer, slots, table, lens, rows, q_norm=None, k
 
 class SlotDecode:
     """The decode step's attention backend (`slot_decode` per layer). `rotates_qk`: the model hands it q / k as
-    projected with their norm weights and cos / sin, and the attention launch norms and rotates them (one
-    kernel less per layer than engine/qk_rope.py's own, BENCHMARKS.md)."""
+    projected with their norm weights and cos / sin, and `decode_attention` norms and rotates them: inside its
+    launch for small batches (one kernel less per layer), else by the q/k kernel just before it."""
 
     rotates_qk = True
 

@@ -3,8 +3,9 @@
 Tokens are flat (no batch dimension): packed sequences or all live branches concatenated. Attention is
 delegated to a backend called as `attn(layer_idx, q, k, v)` after q/k-norm and RoPE, so the same module
 serves masked training (engine/attention.py) and paged decoding over KV slots (a backend with `rotates_qk`, the
-CUDA-graph decode step's, gets q / k as projected plus `rope=` and `qk_norms=`, and applies both in its kernel). Parameter names equal
-HF's, so HF state dicts load with `load_state_dict(strict=True)` and our state dicts save as HF checkpoints.
+CUDA-graph decode step's, gets q / k as projected plus `rope=` and `qk_norms=`, and applies both itself).
+Parameter names equal HF's, so HF state dicts load with `load_state_dict(strict=True)` and our state dicts
+save as HF checkpoints.
 The engine may fuse q/k/v and gate/up into single GEMMs (`fuse_projections`, engine/fusion.py); HF names
 then address views of the fused weights (`named_weight_targets`), so weight updates keep working by name.
 """

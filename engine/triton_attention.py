@@ -262,11 +262,12 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     eps, norm = 0.0, False
     if qk_norm_rope is not None:
         wq, wk, eps, cos, sin = qk_norm_rope
-        if new_kv is None or (wq is None) != (wk is None) or d % 2 or cos.shape != (r, d) or sin.shape != (r, d) \
-                or cos.stride(1) != 1 or sin.stride(1) != 1 or (wq is not None and (wq.shape != (d,) or wk.shape != (d,))):
-            raise ValueError(f"decode_attention: qk_norm_rope needs new_kv, cos / sin [R, D] = {(r, d)} with unit stride "
-                             f"along D (got {tuple(cos.shape)} / {tuple(sin.shape)}), an even D and both norm weights "
-                             f"[D] or neither")
+        bad_weights = (wq is None) != (wk is None) or (wq is not None and (wq.shape != (d,) or wk.shape != (d,)))
+        bad_rope = cos.shape != (r, d) or sin.shape != (r, d) or cos.stride(1) != 1 or sin.stride(1) != 1 or d % 2
+        if new_kv is None or bad_weights or bad_rope:
+            raise ValueError(f"decode_attention: qk_norm_rope needs new_kv, cos / sin [R, D] = {(r, d)} with unit "
+                             f"stride along D (got {tuple(cos.shape)} / {tuple(sin.shape)}), an even D and both norm "
+                             f"weights [D] or neither")
         norm = wq is not None
         if not rotates_inside(r, hkv):
             from engine.triton_qk_rope import rotate_q_k
