@@ -60,8 +60,7 @@ def _decode_kernel(q_ptr, kc_ptr, vc_ptr, ptr_ptr, len_ptr, idx_ptr, out_ptr, mo
                    stride_ot, stride_oh, table_stride, stride_kn, stride_vn, stride_cos, stride_sin,
                    KV_ROW: tl.constexpr, GROUP: tl.constexpr, BLOCK_H: tl.constexpr, D: tl.constexpr,
                    BLOCK_N: tl.constexpr, SPLITS: tl.constexpr, PADDED: tl.constexpr, PREC: tl.constexpr,
-                   INDIRECT: tl.constexpr, NEW_KV: tl.constexpr, ROTATE: tl.constexpr, NORM: tl.constexpr,
-                   STAGES: tl.constexpr):
+                   INDIRECT: tl.constexpr, NEW_KV: tl.constexpr, ROTATE: tl.constexpr, NORM: tl.constexpr):
     row = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -106,9 +105,7 @@ def _decode_kernel(q_ptr, kc_ptr, vc_ptr, ptr_ptr, len_ptr, idx_ptr, out_ptr, mo
     m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_H], tl.float32)
     acc = tl.zeros([BLOCK_H, D], tl.float32)
-    # The stage count on the loop itself: Triton 3.5.1 left a plain range here unpipelined whatever the launch's
-    # num_stages (no cp.async in the PTX); the GPU machine's Triton pipelines both alike (same times on an H200)
-    for s in tl.range(lo, cache_hi, BLOCK_N, num_stages=STAGES):
+    for s in range(lo, cache_hi, BLOCK_N):
         offs_n = s + tl.arange(0, BLOCK_N)
         nmask = offs_n < cache_hi
         slots = tl.load(idx_ptr + start + offs_n, mask=nmask, other=0).to(tl.int64)
@@ -185,9 +182,9 @@ def _tiny(rows: int, num_kv_heads: int) -> bool:
 
 def rotates_inside(rows: int, num_kv_heads: int) -> bool:
     """Whether a launch with `qk_norm_rope` norms and rotates q / k in its own programs: below 1024 programs,
-    where that saves the q/k kernel's launch (~3 us per layer) for +1.2 / 1.8 / 2.4 us at 1 / 16 / 64 rows; at
-    256 rows one program per SM runs at a time (128-slot tiles), the prologue's latency is exposed in every
-    wave and costs +9 us (H200, context 256, CUDA graph: BENCHMARKS.md)."""
+    where that saves the q/k kernel's launch (~3 us per layer) for +1.4 / 1.8 / 2.1 us at 1 / 16 / 64 rows; at
+    256 rows (2048 programs of 128-slot tiles, ~3 per SM at a time) it costs +10.6 us, more than the ~3.7 us
+    kernel it saves (H200, context 256, CUDA graph: BENCHMARKS.md)."""
     return rows * num_kv_heads < 1024
 
 
@@ -294,8 +291,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         k_new.stride(0), v_new.stride(0), cos.stride(0), sin.stride(0),
         KV_ROW=hkv * d, GROUP=group, BLOCK_H=max(16, triton.next_power_of_2(group)), D=d,
         BLOCK_N=block_n, SPLITS=splits, PADDED=padded, INDIRECT=padded and rows is not None,
-        NEW_KV=new_kv is not None, ROTATE=qk_norm_rope is not None, NORM=norm, STAGES=num_stages,
-        num_warps=num_warps, num_stages=num_stages,
+        NEW_KV=new_kv is not None, ROTATE=qk_norm_rope is not None, NORM=norm, num_warps=num_warps,
+        num_stages=num_stages,
         PREC="ieee" if q.dtype == torch.float32 else "tf32")  # float32 caches (tests): no tf32 rounding
     return out
 
