@@ -405,3 +405,46 @@ def test_graph_sampling_on_cpu_reads_compute_logits_of_wrapped_models():
     g2, logits2 = step(Banned(model, top))
     assert not g2.head_only and g2.logits[2].dtype == torch.float32
     assert int(g2.tokens[0]) != top and torch.equal(g2.tokens[:2], logits2.argmax(-1))
+
+
+@torch.inference_mode()
+@pytest.mark.parametrize("model_type,fuse", [("qwen3", True), ("qwen3", False), ("llama", True)])
+def test_graph_step_rotating_in_attention_equals_the_torch_backend(model_type, fuse):
+    """The decode graphs' attention backend takes q / k as projected and applies q/k-norm (Qwen3; none for
+    Llama) and RoPE itself (`SlotDecode.rotates_qk`): the step's logits and the K/V it writes equal the model's
+    eager forward through the torch backend, which gets q / k rotated by the model, fused projections or not."""
+    from engine.cuda_graphs import DecodeGraphs, SlotDecode
+    from engine.kv_store import KVStore
+    from engine.model import CausalLM, ModelArgs
+    from engine.paged_attention import PagedAttention
+
+    assert SlotDecode.rotates_qk
+    cfg = dict(model_type=model_type, vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+               num_attention_heads=4, num_key_value_heads=2, head_dim=16, tie_word_embeddings=True,
+               max_position_embeddings=512)
+    torch.manual_seed(0)
+    model = CausalLM(ModelArgs.from_hf_config(cfg)).eval()
+    with torch.no_grad():  # non-trivial q/k norm weights, so a norm applied twice or not at all shows
+        for name, p in model.named_parameters():
+            if "q_norm" in name or "k_norm" in name:
+                p.copy_(1 + 0.5 * torch.randn(p.shape))
+    if fuse:
+        model.fuse_projections()
+    kvs = []
+    for _ in range(2):
+        kv = KVStore(2, 400, 2, 16, dtype=torch.float32, device="cpu")
+        kv.k.normal_(generator=torch.Generator().manual_seed(1))
+        kv.v.normal_(generator=torch.Generator().manual_seed(2))
+        kvs.append(kv)
+    trunk = list(range(10, 70))
+    contexts = [trunk + [300], trunk + [301], list(range(100, 121)) + [302]]
+    ids, pos = [5, 6, 7], [60, 60, 21]
+    be = PagedAttention(kvs[0])
+    be.prepare([(c, 1) for c in contexts])
+    ref = model.compute_logits(model(torch.tensor(ids), torch.tensor(pos), be))
+    g = DecodeGraphs(model, kvs[1].k, kvs[1].v, max_context=100, buckets=(4,), sample=False)
+    g.capture()
+    out = g.run(ids, pos, contexts)
+    torch.testing.assert_close(out[:3].float(), ref, rtol=1e-4, atol=1e-4)
+    for cache in ("k", "v"):
+        torch.testing.assert_close(getattr(kvs[1], cache), getattr(kvs[0], cache), rtol=1e-5, atol=1e-5)
