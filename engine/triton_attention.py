@@ -183,7 +183,7 @@ def _tiny(rows: int, num_kv_heads: int) -> bool:
 def rotates_inside(rows: int, num_kv_heads: int) -> bool:
     """Whether a launch with `qk_norm_rope` norms and rotates q / k in its own programs: below 1024 programs,
     where that saves the q/k kernel's launch (~3 us per layer) for +1.4 / 1.8 / 2.1 us at 1 / 16 / 64 rows; at
-    256 rows (2048 programs of 128-slot tiles, ~3 per SM at a time) it costs +10.6 us, more than the ~3.7 us
+    256 rows (2048 programs of 128-slot tiles, ~3 per SM at a time) it cost +9.2 us, more than the ~3.7 us
     kernel it saves (H200, context 256, CUDA graph: BENCHMARKS.md)."""
     return rows * num_kv_heads < 1024
 
