@@ -177,12 +177,15 @@ def bench_ours(model, args, res):
 
 
 def set_gemm(model, gemm: str) -> None:
-    """--gemm: 'triton' = the engine's decode GEMM (engine/decode_linear.py), 'torch' = F.linear (cuBLAS)."""
+    """--gemm: 'triton' = the engine's decode GEMM (engine/decode_linear.py), 'torch' = F.linear (cuBLAS);
+    a '-lt' suffix routes F.linear through cuBLASLt (torch's preferred_blas_library) instead of cuBLAS."""
     from engine import triton_gemm
     from engine.decode_linear import decode_linear
 
     model.set_gemm(decode_linear)  # the same traced graph either way: the choice is made inside the op
-    triton_gemm.MAX_ROWS = {"triton": triton_gemm.DEFAULT_MAX_ROWS, "torch": 0}[gemm]
+    base = gemm.removesuffix("-lt")  # '-lt': the products cuBLAS takes go through cuBLASLt's heuristics
+    triton_gemm.MAX_ROWS = {"triton": triton_gemm.DEFAULT_MAX_ROWS, "torch": 0}[base]
+    torch.backends.cuda.preferred_blas_library("cublaslt" if gemm.endswith("-lt") else "cublas")
 
 
 def measure_decode(run, args, res, batches, weight_bytes, kv_token_bytes, tag) -> list[dict]:
@@ -382,7 +385,7 @@ def main(argv=None) -> int:
     ap.add_argument("--profile", type=int, default=0, help="1: per-kernel GPU time of one step")
     ap.add_argument("--hf-compile", default="", help="batch sizes whose HF generate is torch.compiled")
     ap.add_argument("--gemm", default="triton", help="decode GEMMs: triton (engine default), torch (cuBLAS); "
-                    "a list measures the decode table once per entry, the first is used for everything else")
+                    "-lt appended (triton-lt, torch-lt): cuBLASLt where cuBLAS would run; a list measures the decode table once per entry, the first is used for everything else")
     ap.add_argument("--fuse", type=int, default=1, help="fused q/k/v and gate/up GEMMs (engine inference)")
     ap.add_argument("--llm", default="1x4,16x4", help="engine.LLM loop cases RxK ('' skips)")
     ap.add_argument("--llm-eager", type=int, default=1, help="0: the engine.LLM cases with CUDA graphs only")

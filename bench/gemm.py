@@ -67,6 +67,7 @@ def main() -> int:
     ap.add_argument("--splits", default="0", help="K splits to sweep, any count (0: the engine's rule from --waves)")
     ap.add_argument("--inductor", type=int, default=0, help="1: also time Inductor's max-autotune GEMM (its Triton "
                     "templates vs cuBLAS, picked per shape) as a third column")
+    ap.add_argument("--lt", type=int, default=0, help="1: also time F.linear through cuBLASLt (a column of its own)")
     ap.add_argument("--out", required=True)
     a = ap.parse_args()
     dev, dtype = torch.device("cuda"), torch.bfloat16
@@ -88,6 +89,11 @@ def main() -> int:
             nbytes = n * k * 2 + (m * k + m * n) * 2
             case = {"product": name, "rows": m, "N": n, "K": k, "bytes": nbytes, "configs": []}
             case["cublas_ms"] = graph_ms(lambda: [F.linear(x, w) for w in ws]) / copies
+            if a.lt:  # the same F.linear through cuBLASLt's heuristics (torch's preferred_blas_library)
+                torch.backends.cuda.preferred_blas_library("cublaslt")
+                case["cublaslt_ms"] = graph_ms(lambda: [F.linear(x, w) for w in ws]) / copies
+                case["cublaslt_err"] = (F.linear(x, ws[0]).float() - ref).abs().max().item()
+                torch.backends.cuda.preferred_blas_library("cublas")
             if a.inductor:  # one shape-specialised compile per (product, rows): autotuning happens in the warm-up
                 mm = torch.compile(lambda x, w: F.linear(x, w), mode="max-autotune-no-cudagraphs", dynamic=False)
                 case["inductor_ms"] = graph_ms(lambda: [mm(x, w) for w in ws]) / copies
@@ -108,17 +114,20 @@ def main() -> int:
             ok = [c for c in case["configs"] if "ms" in c and c["err"] <= 2e-2 * ref.abs().max().item()]
             best = min(ok, key=lambda c: c["ms"])
             case["best"] = best
-            for key in ("cublas", "default", "inductor"):
+            for key in ("cublas", "cublaslt", "default", "inductor"):
                 if f"{key}_ms" in case:
                     case[f"{key}_frac"] = nbytes / (case[f"{key}_ms"] * 1e-3) / res["copy_bw"]
             case["best_frac"] = nbytes / (best["ms"] * 1e-3) / res["copy_bw"]
             res["cases"].append(case)
             st = steps.setdefault(m, {"cublas_ms": 0.0, "default_ms": 0.0, "best_ms": 0.0, "bytes": 0})
             st["cublas_ms"] += times * case["cublas_ms"]
+            if a.lt:
+                st["cublaslt_ms"] = st.get("cublaslt_ms", 0.0) + times * case["cublaslt_ms"]
             st["default_ms"] += times * case["default_ms"]
             st["best_ms"] += times * best["ms"]
             st["bytes"] += times * nbytes
             ind = f"inductor {case['inductor_ms'] * 1e3:.1f} us  " if a.inductor else ""
+            ind += f"cuBLASLt {case['cublaslt_ms'] * 1e3:.1f} us {case['cublaslt_frac']:.0%}  " if a.lt else ""
             print(f"{name:8s} M={m:4d} cuBLAS {case['cublas_ms'] * 1e3:.1f} us {case['cublas_frac']:.0%}  {ind}"
                   f"default {case['default_frac']:.0%}  "
                   f"best {case['best_frac']:.0%} {({k: v for k, v in best.items() if k not in ('ms', 'err')})}",
@@ -128,7 +137,8 @@ def main() -> int:
     for m, st in steps.items():
         frac = {k: st["bytes"] / (st[f"{k}_ms"] * 1e-3) / res["copy_bw"] for k in ("cublas", "default", "best")}
         print(f"step M={m}: cuBLAS {st['cublas_ms']:.3f} ms ({frac['cublas']:.0%})  default {st['default_ms']:.3f} "
-              f"({frac['default']:.0%})  best-per-product {st['best_ms']:.3f} ({frac['best']:.0%})", flush=True)
+              f"({frac['default']:.0%})  best-per-product {st['best_ms']:.3f} ({frac['best']:.0%})"
+              + (f"  cuBLASLt {st['cublaslt_ms']:.3f}" if a.lt else ""), flush=True)
     res["steps"] = steps
     Path(a.out).write_text(json.dumps(res, indent=1))
     return 0
