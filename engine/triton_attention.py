@@ -91,17 +91,6 @@ def _decode_kernel(q_ptr, kc_ptr, vc_ptr, ptr_ptr, len_ptr, idx_ptr, out_ptr, mo
         q = normed_rotated(q_ptrs, hmask[:, None], wq_ptr, wk_ptr, offs_h[:, None] >= 0, cos_row, sin_row, eps, NORM, D)
     else:
         q = tl.load(q_ptrs, mask=hmask[:, None], other=0.0)
-    if NEW_KV:  # the new token's k / v (and slot) read before the loop, so their latency hides behind the cache
-        owns_new = (n > 0) & (lo <= n - 1) & (n - 1 < hi)
-        kn_ptrs = kn_ptr + row * stride_kn + kvh * D + offs_d
-        dmask = (offs_d < D) & owns_new
-        if ROTATE:
-            k_new = tl.reshape(normed_rotated(kn_ptrs[None, :], dmask[None, :], wq_ptr, wk_ptr, offs_d[None, :] < 0,
-                                              cos_row, sin_row, eps, NORM, D), [D])
-        else:
-            k_new = tl.load(kn_ptrs, mask=dmask, other=0.0)
-        v_new = tl.load(vn_ptr + row * stride_vn + kvh * D + offs_d, mask=dmask, other=0.0)
-        slot = tl.load(slot_ptr + row, mask=owns_new, other=-1).to(tl.int64)
     m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_H], tl.float32)
     acc = tl.zeros([BLOCK_H, D], tl.float32)
@@ -120,19 +109,28 @@ def _decode_kernel(q_ptr, kc_ptr, vc_ptr, ptr_ptr, len_ptr, idx_ptr, out_ptr, mo
         v = tl.load(vc_ptr + kv_off, mask=nmask[:, None], other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
         m_i = m_new
-    if NEW_KV:
-        if owns_new:
+    if NEW_KV:  # only the program that owns the new token reads (and rotates) it: hoisting this before the loop
+        # for every program cost 5.5 us a layer at 64 rows in the engine (BENCHMARKS.md, session 9)
+        if (n > 0) & (lo <= n - 1) & (n - 1 < hi):
+            kn_ptrs = kn_ptr + row * stride_kn + kvh * D + offs_d
+            if ROTATE:
+                k_new = tl.reshape(normed_rotated(kn_ptrs[None, :], offs_d[None, :] < D, wq_ptr, wk_ptr,
+                                                  offs_d[None, :] < 0, cos_row, sin_row, eps, NORM, D), [D])
+            else:
+                k_new = tl.load(kn_ptrs)
+            v_new = tl.load(vn_ptr + row * stride_vn + kvh * D + offs_d)
+            slot = tl.load(slot_ptr + row).to(tl.int64)
             if slot >= 0:  # < 0: a padding row of a CUDA-graph bucket writes nothing
                 tl.store(kc_ptr + slot * KV_ROW + kvh * D + offs_d, k_new.to(kc_ptr.dtype.element_ty))
                 tl.store(vc_ptr + slot * KV_ROW + kvh * D + offs_d, v_new.to(vc_ptr.dtype.element_ty))
-            k1 = k_new.to(kc_ptr.dtype.element_ty).to(tl.float32)  # as the cache holds it
-            v1 = v_new.to(vc_ptr.dtype.element_ty).to(tl.float32)
-            qk1 = tl.sum(q.to(tl.float32) * k1[None, :], 1) * scale_log2
+            k_new = k_new.to(kc_ptr.dtype.element_ty).to(tl.float32)  # as the cache holds it
+            v_new = v_new.to(vc_ptr.dtype.element_ty).to(tl.float32)
+            qk1 = tl.sum(q.to(tl.float32) * k_new[None, :], 1) * scale_log2
             m_new = tl.maximum(m_i, qk1)
             p1 = tl.math.exp2(qk1 - m_new)
             alpha = tl.math.exp2(m_i - m_new)
             l_i = l_i * alpha + p1
-            acc = acc * alpha[:, None] + p1[:, None] * v1[None, :]
+            acc = acc * alpha[:, None] + p1[:, None] * v_new[None, :]
             m_i = m_new
     nonempty = l_i > 0
     out = acc / tl.where(nonempty, l_i, 1.0)[:, None]  # an empty context gives zeros, never NaN
