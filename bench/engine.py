@@ -181,8 +181,12 @@ def set_gemm(model, gemm: str) -> None:
     from engine import triton_gemm
     from engine.decode_linear import decode_linear
 
+    from engine import decode_linear as decode_linear_mod
+
     model.set_gemm(decode_linear)  # the same traced graph either way: the choice is made inside the op
-    triton_gemm.MAX_ROWS = {"triton": triton_gemm.DEFAULT_MAX_ROWS, "torch": 0}[gemm]
+    base = gemm.removesuffix("-chained")  # 'triton-chained': the MLP as one launch (an experiment)
+    triton_gemm.MAX_ROWS = {"triton": triton_gemm.DEFAULT_MAX_ROWS, "torch": 0}[base]
+    decode_linear_mod.CHAINED_MLP = gemm.endswith("-chained")
 
 
 def measure_decode(run, args, res, batches, weight_bytes, kv_token_bytes, tag) -> list[dict]:
@@ -381,7 +385,8 @@ def main(argv=None) -> int:
     ap.add_argument("--compile", type=int, default=1, help="torch.compile the decode step inside the graphs")
     ap.add_argument("--profile", type=int, default=0, help="1: per-kernel GPU time of one step")
     ap.add_argument("--hf-compile", default="", help="batch sizes whose HF generate is torch.compiled")
-    ap.add_argument("--gemm", default="triton", help="decode GEMMs: triton (engine default), torch (cuBLAS); "
+    ap.add_argument("--gemm", default="triton", help="decode GEMMs: triton (engine default), torch (cuBLAS), "
+                    "triton-chained (the MLP as one launch, an experiment); "
                     "a list measures the decode table once per entry, the first is used for everything else")
     ap.add_argument("--fuse", type=int, default=1, help="fused q/k/v and gate/up GEMMs (engine inference)")
     ap.add_argument("--llm", default="1x4,16x4", help="engine.LLM loop cases RxK ('' skips)")

@@ -85,3 +85,34 @@ def decode_swiglu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
 
 
 decode_linear.swiglu = decode_swiglu  # CausalLM.set_gemm gives it to the fused MLPs
+
+# Experiment (branch exp/chained-mlp): the whole MLP as one persistent launch (engine/triton_chained_mlp.py) where
+# the Triton GEMM would take the gate/up product; off, the op runs the same two launches as before. Flipping it
+# needs a new graph capture, not a recompile (the op is opaque): bench/engine.py --gemm triton,triton-chained.
+CHAINED_MLP = False
+
+
+@torch.library.custom_op("npr::decode_mlp", mutates_args=())
+def _decode_mlp(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor) -> torch.Tensor:
+    if CHAINED_MLP and _triton_capable(x, w_gate_up):
+        from engine import triton_chained_mlp, triton_gemm
+
+        if triton_gemm.takes(x.shape[0], w_gate_up.shape[0]) and triton_chained_mlp.fits(x, w_gate_up, w_down):
+            return triton_chained_mlp.chained_mlp(x, w_gate_up, w_down)
+    return _decode_linear(_decode_swiglu(x, w_gate_up, None), w_down, None)
+
+
+@_decode_mlp.register_fake
+def _(x, w_gate_up, w_down):
+    return x.new_empty(x.shape[0], w_down.shape[0])
+
+
+def decode_mlp(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor) -> torch.Tensor:
+    """down(silu(gate) * up) of a bias-free fused MLP (w_gate_up [2I, K], w_down [K, I]) -> [..., K]."""
+    if torch.is_grad_enabled() and (x.requires_grad or w_gate_up.requires_grad or w_down.requires_grad):
+        return F.linear(_reference_swiglu(x, w_gate_up, None), w_down)
+    lead = x.shape[:-1]
+    return _decode_mlp(x.reshape(-1, x.shape[-1]), w_gate_up, w_down).view(*lead, w_down.shape[0])
+
+
+decode_linear.mlp = decode_mlp  # CausalLM.set_gemm gives it to bias-free fused MLPs

@@ -158,6 +158,7 @@ class Attention(nn.Module):
 
 class MLP(nn.Module):
     swiglu = None  # (x, gate_up weight, bias) -> silu(gate) * up for the fused gate/up (`CausalLM.set_gemm`)
+    whole = None  # (x, gate_up weight, down weight) -> the whole bias-free fused MLP in one op (`set_gemm`)
 
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -166,6 +167,8 @@ class MLP(nn.Module):
 
     def forward(self, x):
         if hasattr(self, "gate_up_proj"):
+            if self.whole is not None and self.gate_up_proj.bias is None and self.down_proj.bias is None:
+                return self.whole(x, self.gate_up_proj.weight, self.down_proj.weight)
             if self.swiglu is not None:
                 return self.down_proj(self.swiglu(x, self.gate_up_proj.weight, self.gate_up_proj.bias))
             gate, up = self.gate_up_proj(x).chunk(2, -1)
@@ -258,6 +261,7 @@ class CausalLM(nn.Module):
                 mod.gemm = gemm
             elif isinstance(mod, MLP):  # a gemm may bring SwiGLU fused into the gate/up product
                 mod.swiglu = getattr(gemm, "swiglu", None)
+                mod.whole = getattr(gemm, "mlp", None)
         self.head_gemm = gemm
         return self
 

@@ -114,6 +114,18 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
+def fits(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, splits: int = 8, bn1: int = 32,
+         bn2: int = 64, bk2: int = 64) -> bool:
+    """Whether `chained_mlp` with these tiles takes this product (else it raises)."""
+    m, h = x.shape
+    i = w_down.shape[1]
+    n1 = i // bn1
+    tpr = triton.cdiv(max(n1, 1), splits)
+    return (0 < m <= 64 and w_gate_up.shape == (2 * i, h) and w_down.shape == (h, i) and i % bn1 == 0
+            and h % 128 == 0 and h % bn2 == 0 and (tpr * bn1) % bk2 == 0 and x.stride(1) == 1
+            and w_gate_up.is_contiguous() and w_down.is_contiguous())
+
+
 def chained_mlp(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, splits: int = 8, bn1: int = 32,
                 bk1: int | None = None, bn2: int = 64, bk2: int = 64, programs: int | None = None, num_warps: int = 4,
                 num_stages: int | None = None) -> torch.Tensor:

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from engine.model import CausalLM, ModelArgs
+from engine.attention import MaskedAttention
 
 CFG = dict(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
            num_key_value_heads=2, head_dim=16, max_position_embeddings=512)
@@ -116,3 +117,28 @@ def model_state(d):
     from engine.loader import load_model
 
     return load_model(d).state_dict()  # HF names, in HF order
+
+
+@pytest.mark.parametrize("mlp_bias", [False, True])
+def test_decode_gemm_routes_whole_mlp_and_keeps_the_forward(mlp_bias):
+    """set_gemm(decode_linear) hands bias-free fused MLPs the one-op `decode_mlp` (with a bias: gate/up + SwiGLU
+    and down apart); off the GPU every op is the torch reference, so the forward equals the plain model's, and a
+    forward that needs gradients still gets them."""
+    from engine.decode_linear import decode_linear
+    from engine.model import MLP, CausalLM, ModelArgs
+
+    cfg = dict(model_type="qwen3", vocab_size=200, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+               num_attention_heads=4, num_key_value_heads=2, head_dim=16, mlp_bias=mlp_bias)
+    torch.manual_seed(0)
+    model = CausalLM(ModelArgs.from_hf_config(cfg)).eval().fuse_projections()
+    ids, pos = torch.randint(0, 200, (7,)), torch.arange(7)
+    attn = MaskedAttention(torch.ones(7, 7, dtype=torch.bool).tril())
+    with torch.no_grad():
+        ref = model(ids, pos, attn)
+        model.set_gemm(decode_linear)
+        mlps = [m for m in model.modules() if isinstance(m, MLP)]
+        assert all(m.whole is decode_linear.mlp for m in mlps)
+        out = model(ids, pos, attn)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    model(ids, pos, attn).sum().backward()
+    assert all(m.gate_up_proj.weight.grad is not None and m.down_proj.weight.grad is not None for m in mlps)

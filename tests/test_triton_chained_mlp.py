@@ -47,3 +47,30 @@ def test_bad_shapes_are_refused(dev="cuda"):
     with pytest.raises(ValueError, match="divide into the tiles"):
         chained_mlp(x, torch.zeros(2 * 100, 128, dtype=torch.bfloat16, device=dev),
                     torch.zeros(128, 100, dtype=torch.bfloat16, device=dev))
+
+
+@torch.inference_mode()
+@pytest.mark.parametrize("rows", [1, 16])
+def test_engine_mlp_as_one_launch_keeps_the_logits(monkeypatch, rows):
+    """decode_linear.CHAINED_MLP routes a decode step's MLPs (set_gemm(decode_linear)) to the one launch:
+    the model's logits stay within bf16 rounding of the two-launch MLP's, and the chained kernel ran."""
+    from engine import decode_linear as dl
+    from engine import triton_chained_mlp
+    from engine.attention import MaskedAttention
+    from engine.model import CausalLM, ModelArgs
+
+    cfg = dict(model_type="qwen3", vocab_size=1000, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+               num_attention_heads=4, num_key_value_heads=2, head_dim=64)
+    torch.manual_seed(0)
+    model = CausalLM(ModelArgs.from_hf_config(cfg)).to("cuda", torch.bfloat16).eval().fuse_projections()
+    model.set_gemm(dl.decode_linear)
+    ids, pos = torch.randint(0, 1000, (rows,), device="cuda"), torch.arange(rows, device="cuda")
+    attn = MaskedAttention(torch.ones(rows, rows, dtype=torch.bool, device="cuda").tril())
+    ref = model.compute_logits(model(ids, pos, attn))
+    calls = []
+    chained = triton_chained_mlp.chained_mlp
+    monkeypatch.setattr(triton_chained_mlp, "chained_mlp", lambda *a, **k: (calls.append(1), chained(*a, **k))[1])
+    monkeypatch.setattr(dl, "CHAINED_MLP", True)
+    out = model.compute_logits(model(ids, pos, attn))
+    assert len(calls) == 2  # one per layer
+    assert float((out - ref).norm() / ref.norm()) < 2e-2
