@@ -121,9 +121,10 @@ def fits(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, splits:
     i = w_down.shape[1]
     n1 = i // bn1
     tpr = triton.cdiv(max(n1, 1), splits)
+    last = n1 - (triton.cdiv(max(n1, 1), tpr) - 1) * tpr  # gate/up tiles in the last k-range
     return (0 < m <= 64 and w_gate_up.shape == (2 * i, h) and w_down.shape == (h, i) and i % bn1 == 0
-            and h % 128 == 0 and h % bn2 == 0 and (tpr * bn1) % bk2 == 0 and x.stride(1) == 1
-            and w_gate_up.is_contiguous() and w_down.is_contiguous())
+            and h % 128 == 0 and h % bn2 == 0 and (tpr * bn1) % bk2 == 0 and (last * bn1) % bk2 == 0
+            and x.stride(1) == 1 and w_gate_up.is_contiguous() and w_down.is_contiguous())
 
 
 def chained_mlp(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, splits: int = 8, bn1: int = 32,
@@ -142,7 +143,8 @@ def chained_mlp(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, 
                          f"{tuple(w_down.shape)}: M <= 64, [2I, H] and [H, I] with unit stride along H expected")
     n1 = i // bn1
     tpr = triton.cdiv(n1, splits)
-    if i % bn1 or h % bk1 or h % bn2 or (tpr * bn1) % bk2 or not w_gate_up.is_contiguous() \
+    last = n1 - (triton.cdiv(n1, tpr) - 1) * tpr  # gate/up tiles in the last k-range
+    if i % bn1 or h % bk1 or h % bn2 or (tpr * bn1) % bk2 or (last * bn1) % bk2 or not w_gate_up.is_contiguous() \
             or not w_down.is_contiguous():
         raise ValueError(f"chained_mlp: H {h}, I {i} must divide into the tiles (bn1 {bn1}, bk1 {bk1}, bn2 {bn2}, "
                          f"bk2 {bk2}; a k-range of {tpr} x {bn1} columns) and the weights be contiguous")

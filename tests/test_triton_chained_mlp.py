@@ -38,7 +38,7 @@ def test_chained_mlp_matches_torch_and_rearms(m, h, i, kw, dev="cuda", dtype=tor
 
 
 def test_bad_shapes_are_refused(dev="cuda"):
-    from engine.triton_chained_mlp import chained_mlp
+    from engine.triton_chained_mlp import chained_mlp, fits
 
     x = torch.zeros(4, 128, dtype=torch.bfloat16, device=dev)
     with pytest.raises(ValueError, match="M <= 64"):
@@ -47,6 +47,11 @@ def test_bad_shapes_are_refused(dev="cuda"):
     with pytest.raises(ValueError, match="divide into the tiles"):
         chained_mlp(x, torch.zeros(2 * 100, 128, dtype=torch.bfloat16, device=dev),
                     torch.zeros(128, 100, dtype=torch.bfloat16, device=dev))
+    # 3 k-ranges of 2 + 2 + 1 gate/up tiles: the last range's 32 columns are not a whole 64-wide K step
+    w_gu, w_d = torch.zeros(2 * 160, 128, dtype=x.dtype, device=dev), torch.zeros(128, 160, dtype=x.dtype, device=dev)
+    assert not fits(x, w_gu, w_d, splits=3)
+    with pytest.raises(ValueError, match="divide into the tiles"):
+        chained_mlp(x, w_gu, w_d, splits=3, bk1=64)
 
 
 @torch.inference_mode()
