@@ -183,7 +183,7 @@ def _tiny(rows: int, num_kv_heads: int) -> bool:
 def rotates_inside(rows: int, num_kv_heads: int) -> bool:
     """Whether a launch with `qk_norm_rope` norms and rotates q / k in its own programs: below 1024 programs,
     where that saves the q/k kernel's launch (~3 us per layer) for +1.4 / 1.8 / 2.1 us at 1 / 16 / 64 rows; at
-    256 rows (2048 programs of 128-slot tiles, ~3 per SM at a time) it costs +10.6 us, more than the ~3.7 us
+    256 rows (2048 programs of 128-slot tiles, ~3 per SM at a time) it cost +9.2 us, more than the ~3.7 us
     kernel it saves (H200, context 256, CUDA graph: BENCHMARKS.md)."""
     return rows * num_kv_heads < 1024
 
@@ -255,25 +255,25 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         assert k_cache.is_contiguous() and v_cache.is_contiguous() and new_slots.shape == (r,)
     else:
         k_new = v_new = new_slots = out  # unused placeholders
-    wq = wk = cos = sin = out  # unused placeholders without qk_norm_rope
-    eps, norm = 0.0, False
-    if qk_norm_rope is not None:
-        wq, wk, eps, cos, sin = qk_norm_rope
+    rotate = qk_norm_rope is not None  # q/k-norm + RoPE in this launch
+    wq, wk, eps, cos, sin = qk_norm_rope if rotate else (None, None, 0.0, None, None)
+    if rotate:
         bad_weights = (wq is None) != (wk is None) or (wq is not None and (wq.shape != (d,) or wk.shape != (d,)))
         bad_rope = cos.shape != (r, d) or sin.shape != (r, d) or cos.stride(1) != 1 or sin.stride(1) != 1 or d % 2
         if new_kv is None or bad_weights or bad_rope:
             raise ValueError(f"decode_attention: qk_norm_rope needs new_kv, cos / sin [R, D] = {(r, d)} with unit "
                              f"stride along D (got {tuple(cos.shape)} / {tuple(sin.shape)}), an even D and both norm "
                              f"weights [D] or neither")
-        norm = wq is not None
-        if not rotates_inside(r, hkv):
+        if not rotates_inside(r, hkv):  # the q/k kernel first, then a launch on rotated q / k
             from engine.triton_qk_rope import rotate_q_k
 
             qk = rotate_q_k(q, k_new.view(r, hkv, d), wq, wk, eps, cos, sin)
-            q, k_new = qk[:, :hq], qk[:, hq:].reshape(r, hkv * d)
-            qk_norm_rope, norm, wq, wk, cos, sin = None, False, out, out, out, out
-        elif not norm:
-            wq = wk = out
+            q, k_new, rotate = qk[:, :hq], qk[:, hq:].reshape(r, hkv * d), False
+    norm = rotate and wq is not None
+    if not norm:
+        wq = wk = out  # unused placeholders
+    if not rotate:
+        cos = sin = out
     splits = num_splits or default_splits(r, hkv, q.device)
     block_n = block_n or default_block_n(r, hkv)
     num_stages = num_stages or default_stages(r, hkv)
@@ -291,7 +291,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         k_new.stride(0), v_new.stride(0), cos.stride(0), sin.stride(0),
         KV_ROW=hkv * d, GROUP=group, BLOCK_H=max(16, triton.next_power_of_2(group)), D=d,
         BLOCK_N=block_n, SPLITS=splits, PADDED=padded, INDIRECT=padded and rows is not None,
-        NEW_KV=new_kv is not None, ROTATE=qk_norm_rope is not None, NORM=norm, num_warps=num_warps,
+        NEW_KV=new_kv is not None, ROTATE=rotate, NORM=norm, num_warps=num_warps,
         num_stages=num_stages,
         PREC="ieee" if q.dtype == torch.float32 else "tf32")  # float32 caches (tests): no tf32 rounding
     return out
