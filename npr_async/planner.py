@@ -11,7 +11,11 @@ Pure arithmetic, no torch: `predict` models one layout, `recommend` searches the
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
+
+# A recommended layout keeps the fewest verifier workers that stay within this fraction of the step with every
+# free CPU verifying (see `fewest_verifiers`).
+VERIFIER_TOLERANCE = 0.005
 
 
 @dataclass(frozen=True)
@@ -172,7 +176,23 @@ def recommend(rates: Rates, work: Workload, total_gpus: int, gpus_per_node: int 
             found.append(predict(rates, work, Layout(n_g, n_l, n_v), gpus_per_node))
     fastest = min(p.step_s for p in found)
     ok = [p for p in found if p.step_s <= fastest * (1 + slack) * (1 + 1e-9)]
-    return min(ok, key=lambda p: (p.layout.gpus, p.step_s))
+    return fewest_verifiers(rates, work, min(ok, key=lambda p: (p.layout.gpus, p.step_s)), gpus_per_node)
+
+
+def fewest_verifiers(rates: Rates, work: Workload, best: Prediction, gpus_per_node: int = 8,
+                     tolerance: float = VERIFIER_TOLERANCE) -> Prediction:
+    """`best` with the fewest verifier workers whose predicted step is within `tolerance` of its own (which
+    gave the verifiers every free CPU): a pool of thousands of actors for a few hundred verdicts a step would
+    only cost start-up time and memory. The step never grows with more verifiers, so a bisection finds it."""
+    lo, hi = 1, best.layout.verifier_workers
+    limit = best.step_s * (1 + tolerance)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if predict(rates, work, replace(best.layout, verifier_workers=mid), gpus_per_node).step_s <= limit:
+            hi = mid
+        else:
+            lo = mid + 1
+    return predict(rates, work, replace(best.layout, verifier_workers=lo), gpus_per_node)
 
 
 # --- rates from a bench/e2e.py JSON --------------------------------------------------------------------
