@@ -7,7 +7,9 @@ Qwen3-4B attention shape (32 query heads, 8 KV heads, head_dim 128, bf16), one l
 `--slots` token slots; every row reads its own `ctx` slots, laid out over the pool as `--layout` says.
 GB/s = K and V bytes read ÷ kernel time (triton.testing.do_bench, L2 flushed between runs), side by side
 with a device-to-device copy of the same bytes in the same run (the hardware's practical limit). Each call also
-writes its rows' new k/v (`new_kv`), as the engine's decode step does.
+writes its rows' new k/v (`new_kv`), as the engine's decode step does. `--call engine` passes the arguments
+the way the CUDA-graph step does (strided q / k / v views of one projection output, the graphs' padded table
+through a rows tensor); `--call bench,engine` times both side by side.
 """
 from __future__ import annotations
 
@@ -42,6 +44,25 @@ def slot_table(layout: str, rows: int, ctx: int, num_slots: int, dev) -> torch.T
     raise ValueError(f"--layout: unknown layout {layout!r} (scattered, runsN, lockstep)")
 
 
+def engine_call_args(table: torch.Tensor, q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
+                     slots: torch.Tensor, width: int) -> dict:
+    """decode_attention's arguments as the CUDA-graph decode step passes them (engine/cuda_graphs.py), for the same
+    values as the bench call: q / k / v views of one [rows, (Hq + 2 Hkv) D] projection output, and the context in
+    row `rows[r]` of a [2 rows + 1, width] table (the graphs keep two batches' rows and a scratch row)."""
+    r, ctx = table.shape
+    if width < ctx:
+        raise ValueError(f"--table-width {width} is shorter than the context {ctx}")
+    qkv = torch.cat([q.reshape(r, -1), k_new.reshape(r, -1), v_new.reshape(r, -1)], 1)
+    hq, hkv = q.shape[1], k_new.shape[1]
+    views = qkv.split([hq * q.shape[2], hkv * q.shape[2], hkv * q.shape[2]], 1)
+    qv, kv, vv = (x.view(r, -1, q.shape[2]) for x in views)
+    padded = torch.zeros(2 * r + 1, width, dtype=torch.int32, device=table.device)
+    rows = torch.arange(r, 2 * r, dtype=torch.int32, device=table.device)  # not row r: as after a batch change
+    padded[rows.long(), :ctx] = table
+    lens = torch.full((r,), ctx, dtype=torch.int32, device=table.device)
+    return dict(q=qv, table=padded, lens=lens, rows=rows, new_kv=(kv, vv, slots))
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", default="64,256")
@@ -60,6 +81,12 @@ def main() -> int:
     ap.add_argument("--defaults", type=int, default=0, help="1: only the engine's default configuration per case")
     ap.add_argument("--rotate", default="0", help="comma-separated: 1 = q / k come as projected and the launch "
                     "applies q/k-norm and RoPE (`qk_norm_rope`, as the engine's decode step), 0 = already rotated")
+    ap.add_argument("--call", default="bench", help="comma-separated: 'bench' = contiguous q and new k / v, a "
+                    "[rows, ctx] table; 'engine' = as the CUDA-graph decode step calls it: q / k / v strided views "
+                    "of one q/k/v projection output, the graphs' padded table [2 rows + 1, --table-width] read "
+                    "through a rows tensor (session 9: a change measured faster with 'bench' was slower in the engine)")
+    ap.add_argument("--table-width", type=int, default=0, help="the engine call's table width (0: ctx + 264, "
+                    "bench/engine.py's prompt 128 + 256 new tokens minus the 128 already counted, + 8)")
     ap.add_argument("--out", required=True)
     a = ap.parse_args()
     hq, hkv, d, dev = 32, 8, 128, torch.device("cuda")
@@ -84,21 +111,29 @@ def main() -> int:
         # table writes back what its last slots hold, so timing over the other tables leaves the cache (max_err) as is
         writes = {id(t): (kc[t[:, -1].long()].clone(), vc[t[:, -1].long()].clone(), t[:, -1].contiguous())
                   for t in tables}
-        new_kv = lambda t: writes[id(t)]  # noqa: E731
+        engine_args = {id(t): engine_call_args(t, q, *writes[id(t)], a.table_width or ctx + 264) for t in tables}
         kw = inspect.signature(decode_attention).parameters  # the engine's defaults, whatever they are now
         dflt_cfg = (case["default_splits"], default_block_n(rows, hkv), kw["num_warps"].default,
                     default_stages(rows, hkv))
         cos, sin = torch.randn(2, rows, d, device=dev, dtype=torch.bfloat16)
         norms = torch.rand(2, d, device=dev, dtype=torch.bfloat16) + 0.5
-        configs = itertools.product(*(map(int, x.split(",")) for x in (a.splits, a.block_n, a.warps, a.stages)))
-        rotations = map(int, a.rotate.split(","))
-        for rot, (s, bn, w, st) in itertools.product(rotations, [dflt_cfg] if a.defaults else configs):
+        configs = list(itertools.product(*(map(int, x.split(",")) for x in (a.splits, a.block_n, a.warps, a.stages))))
+        rotations = [int(r) for r in a.rotate.split(",")]
+        for how, rot, (s, bn, w, st) in itertools.product(a.call.split(","), rotations,
+                                                          [dflt_cfg] if a.defaults else configs):
             rotate = (*norms, 1e-6, cos, sin) if rot else None
 
+            def args(t, how=how):
+                if how == "engine":
+                    return engine_args[id(t)]
+                if how == "bench":
+                    return dict(q=q, table=t, lens=lens, new_kv=writes[id(t)])
+                raise ValueError(f"--call: unknown {how!r} (bench, engine)")
+
             def call(t, s=s, bn=bn, w=w, st=st, rotate=rotate):
-                return decode_attention(q, kc, vc, table=t, lens=lens, new_kv=new_kv(t), num_splits=s, block_n=bn,
-                                        num_warps=w, num_stages=st, qk_norm_rope=rotate)
-            ref = decode_attention(q, kc, vc, table=table, lens=lens, new_kv=new_kv(table), qk_norm_rope=rotate)
+                return decode_attention(k_cache=kc, v_cache=vc, num_splits=s, block_n=bn, num_warps=w, num_stages=st,
+                                        qk_norm_rope=rotate, **args(t))
+            ref = decode_attention(q, kc, vc, table=table, lens=lens, new_kv=writes[id(table)], qk_norm_rope=rotate)
             try:
                 err = (call(table).float() - ref.float()).abs().max().item()
                 if a.graph:  # as in the engine: one CUDA graph, successive calls over different slots (layers)
@@ -107,17 +142,18 @@ def main() -> int:
                     ms = triton.testing.do_bench(lambda: call(table))
             except Exception as e:  # out of shared memory for a tile shape: record it and go on
                 case["configs"].append({"splits": s, "block_n": bn, "warps": w, "stages": st, "rotate": rot,
-                                        "error": str(e)[:120]})
+                                        "call": how, "error": str(e)[:120]})
                 continue
-            case["configs"].append({"splits": s, "block_n": bn, "warps": w, "stages": st, "rotate": rot,
+            case["configs"].append({"splits": s, "block_n": bn, "warps": w, "stages": st, "rotate": rot, "call": how,
                                     "us": ms * 1e3, "gbs": nbytes / ms / 1e6, "max_err": err})
         res["cases"].append(case)
-        for rot in map(int, a.rotate.split(",")):
-            ok = [c for c in case["configs"] if "us" in c and c["rotate"] == rot]
+        for how, rot in itertools.product(a.call.split(","), rotations):
+            ok = [c for c in case["configs"] if "us" in c and c["rotate"] == rot and c["call"] == how]
             best = min(ok, key=lambda c: c["us"])
             dflt = next((c for c in ok if (c["splits"], c["block_n"], c["warps"], c["stages"]) == dflt_cfg), None)
-            case[f"best_rotate{rot}"], case[f"default_rotate{rot}"] = best, dflt
-            print(f"rows {rows} ctx {ctx} {layout} rotate {rot}: copy {copy_gbs:.0f} GB/s | default "
+            tag = f"rotate{rot}" + ("" if how == "bench" else f"_{how}")
+            case[f"best_{tag}"], case[f"default_{tag}"] = best, dflt
+            print(f"rows {rows} ctx {ctx} {layout} rotate {rot} call {how}: copy {copy_gbs:.0f} GB/s | default "
                   f"{dflt and round(dflt['gbs'])} GB/s ({dflt and round(dflt['us'], 1)} us) | best {best['gbs']:.0f} GB/s "
                   f"({best['us']:.1f} us) splits {best['splits']} block_n {best['block_n']} warps {best['warps']} "
                   f"stages {best['stages']}", flush=True)
