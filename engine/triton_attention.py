@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from engine.paged_attention import PagedAttention
-from engine.triton_qk_rope import normed_rotated
+from engine.triton_qk_rope import joined, normed_rotated
 
 
 @triton.jit
@@ -88,7 +88,9 @@ def _decode_kernel(q_ptr, kc_ptr, vc_ptr, ptr_ptr, len_ptr, idx_ptr, out_ptr, mo
     q_ptrs = q_ptr + row * stride_qt + heads[:, None] * stride_qh + offs_d[None, :]
     if ROTATE:  # q and the new k come as projected: q/k-norm (NORM) and RoPE here (engine/triton_qk_rope.py)
         cos_row, sin_row = cos_ptr + row * stride_cos, sin_ptr + row * stride_sin
-        q = normed_rotated(q_ptrs, hmask[:, None], wq_ptr, wk_ptr, offs_h[:, None] >= 0, cos_row, sin_row, eps, NORM, D)
+        q1, q2 = normed_rotated(q_ptr + row * stride_qt + heads[:, None] * stride_qh, hmask[:, None], wq_ptr, wk_ptr,
+                                offs_h[:, None] >= 0, cos_row, sin_row, eps, NORM, D)
+        q = joined(q1, q2)
     else:
         q = tl.load(q_ptrs, mask=hmask[:, None], other=0.0)
     m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
@@ -114,8 +116,10 @@ def _decode_kernel(q_ptr, kc_ptr, vc_ptr, ptr_ptr, len_ptr, idx_ptr, out_ptr, mo
         if (n > 0) & (lo <= n - 1) & (n - 1 < hi):
             kn_ptrs = kn_ptr + row * stride_kn + kvh * D + offs_d
             if ROTATE:
-                k_new = tl.reshape(normed_rotated(kn_ptrs[None, :], offs_d[None, :] < D, wq_ptr, wk_ptr,
-                                                  offs_d[None, :] < 0, cos_row, sin_row, eps, NORM, D), [D])
+                one = tl.zeros([1, 1], tl.int32)  # a single vector: M = 1, never a q head
+                k1, k2 = normed_rotated(kn_ptr + row * stride_kn + kvh * D + one, one == 0, wq_ptr, wk_ptr, one != 0,
+                                        cos_row, sin_row, eps, NORM, D)
+                k_new = tl.reshape(joined(k1, k2), [D])
             else:
                 k_new = tl.load(kn_ptrs)
             v_new = tl.load(vn_ptr + row * stride_vn + kvh * D + offs_d)
