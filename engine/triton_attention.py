@@ -182,12 +182,17 @@ def _tiny(rows: int, num_kv_heads: int) -> bool:
     return rows * num_kv_heads < 32
 
 
+# Programs (rows x KV heads) below which the launch rotates q / k itself (see `rotates_inside`).
+ROTATE_INSIDE_BELOW = 512
+
+
 def rotates_inside(rows: int, num_kv_heads: int) -> bool:
-    """Whether a launch with `qk_norm_rope` norms and rotates q / k in its own programs: below 1024 programs,
-    where that saves the q/k kernel's launch (~3 us per layer) for +1.4 / 1.8 / 2.1 us at 1 / 16 / 64 rows; at
-    256 rows (2048 programs of 128-slot tiles, ~3 per SM at a time) it cost +9.2 us, more than the ~3.7 us
-    kernel it saves (H200, context 256, CUDA graph: BENCHMARKS.md)."""
-    return rows * num_kv_heads < 1024
+    """Whether a launch with `qk_norm_rope` norms and rotates q / k in its own programs, saving the q/k kernel's
+    launch (~3 us per layer): below ROTATE_INSIDE_BELOW programs. With the scalar partner loads it cost +1.4 /
+    1.8 / 2.1 us at 1 / 16 / 64 rows and +9.2 at 256 (H200, context 256, CUDA graph: BENCHMARKS.md). With the
+    halves (this branch, unmeasured) the 64-row launch needs 154 registers instead of 124, 3 programs per SM
+    instead of 4 for its 512 programs, so 64 rows runs the q/k kernel first until a GPU run says otherwise."""
+    return rows * num_kv_heads < ROTATE_INSIDE_BELOW
 
 
 def default_block_n(rows: int, num_kv_heads: int) -> int:
