@@ -7,8 +7,9 @@ Each decode-step kernel is compiled through the engine's own launch wrapper (dec
 qk_norm_rope, the sampler) on small CPU tensors of the Qwen3-4B shape, so it gets the same constexprs and the
 same argument specialisation (16-byte alignment, which lets loads vectorise and go asynchronous) as on the GPU;
 a stand-in driver answers "sm_90" and every launch stops after the compile. Resources come from the wheel's
-`cuobjdump --dump-resource-usage`, load widths and barriers from the PTX. Compile errors and register pressure show here; timings do not, and this
-machine's Triton may not be the GPU machine's (compare `triton.__version__`).
+`cuobjdump --dump-resource-usage`, load widths and barriers from the PTX. Compile errors, register pressure and
+unvectorised loads show here; timings do not, and this machine's Triton may not be the GPU machine's (compare
+`triton.__version__`).
 """
 from __future__ import annotations
 
