@@ -385,7 +385,8 @@ def main(argv=None) -> int:
     ap.add_argument("--profile", type=int, default=0, help="1: per-kernel GPU time of one step")
     ap.add_argument("--hf-compile", default="", help="batch sizes whose HF generate is torch.compiled")
     ap.add_argument("--gemm", default="triton", help="decode GEMMs: triton (engine default), torch (cuBLAS); "
-                    "-lt appended (triton-lt, torch-lt): cuBLASLt where cuBLAS would run; a list measures the decode table once per entry, the first is used for everything else")
+                    "-lt appended (triton-lt, torch-lt): cuBLASLt where cuBLAS would run; a list measures the decode "
+                    "table once per entry, the first is used for everything else")
     ap.add_argument("--fuse", type=int, default=1, help="fused q/k/v and gate/up GEMMs (engine inference)")
     ap.add_argument("--llm", default="1x4,16x4", help="engine.LLM loop cases RxK ('' skips)")
     ap.add_argument("--llm-eager", type=int, default=1, help="0: the engine.LLM cases with CUDA graphs only")

@@ -7,8 +7,9 @@ Each decode-step kernel is compiled through the engine's own launch wrapper (dec
 qk_norm_rope, the sampler) on small CPU tensors of the Qwen3-4B shape, so it gets the same constexprs and the
 same argument specialisation (16-byte alignment, which lets loads vectorise and go asynchronous) as on the GPU;
 a stand-in driver answers "sm_90" and every launch stops after the compile. Resources come from the wheel's
-`cuobjdump --dump-resource-usage`. Compile errors and register pressure show here; timings do not, and this
-machine's Triton may not be the GPU machine's (compare `triton.__version__`).
+`cuobjdump --dump-resource-usage`, load widths and barriers from the PTX. Compile errors, register pressure and
+unvectorised loads show here; timings do not, and this machine's Triton may not be the GPU machine's (compare
+`triton.__version__`).
 """
 from __future__ import annotations
 
@@ -75,9 +76,15 @@ def resources(kernel) -> dict:
     if found is None:
         raise RuntimeError(f"cuobjdump printed no resource line:\n{usage.stdout}{usage.stderr}")
     ptx = kernel.asm["ptx"]
+    loads = re.findall(r"ld\.global(?:\.[a-z]+)*\.(v[248]\.)?[bfsu](\d+)", ptx)
     return dict(registers=int(found.group(1)), stack_bytes=int(found.group(2)), shared_bytes=kernel.metadata.shared,
                 warps=kernel.metadata.num_warps, stages=kernel.metadata.num_stages,
-                async_copies=ptx.count("cp.async.cg") + ptx.count("cp.async.ca"))
+                async_copies=ptx.count("cp.async.cg") + ptx.count("cp.async.ca"),
+                # global loads of 16-bit scalars: a bf16 tensor read element by element (no vectorisation), as
+                # session 8's RoPE partner read `(d + D/2) % D` compiled (2.5x the q/k kernel's time)
+                vector_loads=sum(1 for vec, _ in loads if vec),
+                scalar_16bit_loads=sum(1 for vec, bits in loads if not vec and bits == "16"),
+                barriers=ptx.count("bar.sync"))
 
 
 def decode_step_kernels(rows: int, ctx: int, hidden: int = 2560, inter: int = 9728, vocab: int = 151936) -> list:
@@ -133,7 +140,8 @@ def main(argv=None) -> int:
                 out["kernels"].append(r)
                 print(f"rows {rows:4d}  {what:28s} {name:22s} regs {r['registers']:3d}  spill stack {r['stack_bytes']:5d} B"
                       f"  smem {r['shared_bytes']:6d} B  warps {r['warps']}  stages {r['stages']}"
-                      f"  cp.async {r['async_copies']}", flush=True)
+                      f"  cp.async {r['async_copies']}  loads vec {r['vector_loads']} / 16-bit {r['scalar_16bit_loads']}"
+                      f"  barriers {r['barriers']}", flush=True)
     if a.out:
         Path(a.out).write_text(json.dumps(out, indent=1))
     return 0
