@@ -84,6 +84,8 @@ class RolloutGenerator:
                 for i in (only.get(p.prompt_id, []) if only is not None else range(request.samples_per_prompt))]
         chunk = max(1, self.cfg.rollout.chunk_samples)
         sent = tokens = 0
+        counters = ("engine_calls", "engine_s", "forwards", "graph_steps", "steps_ahead", "preemptions")
+        engine = dict.fromkeys(counters, 0.0)  # the engine loop's own account (llm.last_stats), summed over calls
         for start in range(0, len(work), chunk):
             part = work[start:start + chunk]
             prefix = self.cfg.rollout.response_prefix
@@ -91,8 +93,13 @@ class RolloutGenerator:
                        for p, _ in part]
             params = [msgspec.structs.replace(base, seed=sample_seed(self.cfg.controller.seed, request.step,
                                                                      p.prompt_id, i)) for p, i in part]
+            t_gen = time.perf_counter()
             trajs = self.llm.generate(prompts, params, prompt_ids=[p.prompt_id for p, _ in part],
                                       version=request.version)
+            engine["engine_s"] += time.perf_counter() - t_gen  # the rest: prompts, sending
+            engine["engine_calls"] += 1
+            for k in ("forwards", "graph_steps", "steps_ahead", "preemptions"):
+                engine[k] += self.llm.last_stats.get(k, 0)
             for traj, (_, i) in zip(trajs, part):
                 traj.sample_idx, traj.version = i, request.version
                 self.sender.send(traj)
@@ -101,7 +108,7 @@ class RolloutGenerator:
         seconds = time.perf_counter() - t0
         return StepReport(step=request.step, version=request.version, role="rollout", actor=self.name,
                           sent=sent, num_trajectories=sent, num_tokens=tokens, seconds=seconds,
-                          metrics={"tokens_per_s": tokens / max(seconds, 1e-9)})
+                          metrics={"tokens_per_s": tokens / max(seconds, 1e-9), **engine})
 
     def close(self) -> None:
         if self.sender is not None:

@@ -4,7 +4,9 @@ For each rollout-generator count (scaling by actor count) and streaming on/off i
 runs `--warmup` untimed steps and `--steps` timed ones through `controller.run_step`, and reports per step:
 rollout (busiest generator, and each generator's own generate time), verification (CPU seconds at the
 pool's measured rate), learner wait vs compute and its tail after the rollouts, weight sync, idle time per
-GPU (learner: step − its compute; generator: step − its generate time), tokens/s. JSON to --out (rewritten
+GPU (learner: step − its compute; generator: step − its generate time), tokens/s, and each generator's engine
+loop: engine calls (one per `rollout.chunk_samples`), forwards, how many replayed a CUDA graph or ran a step
+ahead, and milliseconds per forward (`engine` in the JSON, a line per generator). JSON to --out (rewritten
 after every configuration, so a cut-off run keeps what it measured), a table to stdout.
 
     python3 bench/e2e.py --config configs/bench_4gpu.yaml --shape qwen3-0.6b --force-plans 4 \
@@ -145,13 +147,17 @@ def calibrate_verifiers(cluster, rows: list[dict], n: int) -> dict:
 
 
 def step_record(step: int, m: dict, reports: list, verify_rate: float) -> dict:
-    import ray
-
+    """One timed step: the controller's metrics `m` and the generators' StepReports of it (fetched)."""
     gens: dict[str, list[float]] = {}
-    for r in ray.get(reports):
+    engine: dict[str, dict[str, float]] = {}  # each generator's engine-loop counters (actors/rollout.py)
+    for r in reports:
         g = gens.setdefault(r.actor, [0.0, 0])
         g[0] += r.seconds
         g[1] += r.num_tokens
+        e = engine.setdefault(r.actor, {})
+        for k, v in r.metrics.items():
+            if k != "tokens_per_s":
+                e[k] = e.get(k, 0.0) + v
     step_s = m["step_s"]
     rec = {k: m.get(k) for k in ("step_s", "rollout_s", "weight_sync_s", "learner_wait_s", "learner_compute_s",
                                  "learner_s", "rollout_tokens", "tokens_per_s", "samples", "mean_tokens",
@@ -160,7 +166,9 @@ def step_record(step: int, m: dict, reports: list, verify_rate: float) -> dict:
     rec.update(step=step, gen_s={a: g[0] for a, g in sorted(gens.items())},
                gen_tokens={a: g[1] for a, g in sorted(gens.items())},
                learner_tail_s=step_s - m["weight_sync_s"] - m["rollout_s"],
-               verify_cpu_s=(m.get("samples") or 0) / verify_rate)
+               verify_cpu_s=(m.get("samples") or 0) / verify_rate,
+               engine={a: {**e, "ms_per_forward": 1e3 * e["engine_s"] / e["forwards"] if e.get("forwards") else None}
+                       for a, e in sorted(engine.items())})
     rec["idle_s"] = {"learner": step_s - m["learner_compute_s"],
                      **{a: step_s - g[0] for a, g in sorted(gens.items())}}
     rec["idle_frac"] = {k: v / step_s for k, v in rec["idle_s"].items()}
@@ -186,6 +194,8 @@ def summarise(steps: list[dict]) -> dict:
 
 def run_config(args, base_overrides: list[str], n_gen: int, streaming: bool, model_dir: str, rows: list[dict],
                verifier: dict | None) -> tuple[dict, dict | None]:
+    import ray
+
     from npr_async.config import load_config
     from npr_async.controller import Cluster, run_step, step_prompts
 
@@ -208,7 +218,7 @@ def run_config(args, base_overrides: list[str], n_gen: int, streaming: bool, mod
             prompts = step_prompts(rows, step, cfg.rollout.prompts_per_step, cfg.controller.seed)
             refs.clear()
             m = run_step(cluster, step, prompts)
-            rec = step_record(step, m, list(refs), verifier["verdicts_per_s"])
+            rec = step_record(step, m, ray.get(list(refs)), verifier["verdicts_per_s"])
             rec["warmup"] = step < args.warmup
             gen_idle = [v for k, v in rec["idle_frac"].items() if k != "learner"]
             rec["idle_frac_learner"] = rec["idle_frac"]["learner"]
@@ -217,6 +227,11 @@ def run_config(args, base_overrides: list[str], n_gen: int, streaming: bool, mod
             print(f"  {label} step {step}{' (warmup)' if rec['warmup'] else ''}: step {rec['step_s']:.2f}s "
                   f"rollout {rec['rollout_s']:.2f}s tail {rec['learner_tail_s']:.2f}s "
                   f"sync {rec['weight_sync_s']:.3f}s {rec['tokens_per_s']:.0f} tok/s", flush=True)
+            for actor, e in rec["engine"].items():  # where a generator's time went: engine steps, graphs or eager
+                if e.get("forwards"):
+                    print(f"    {actor}: {e['engine_calls']:.0f} engine calls, {e['forwards']:.0f} forwards "
+                          f"({e['graph_steps']:.0f} CUDA-graph, {e['steps_ahead']:.0f} ahead), "
+                          f"{e['ms_per_forward']:.2f} ms each, {e['engine_s']:.2f} s in the engine", flush=True)
     finally:
         cluster.rollouts = [getattr(r, "_handle", r) for r in cluster.rollouts]
         cluster.shutdown()

@@ -34,3 +34,26 @@ def test_summary_rates():
     assert m["learner_tokens_per_s"] == pytest.approx(1500.0)
     assert m["tokens_per_sample"] == pytest.approx(150.0)
     assert (m["rollout_idle"], m["rollout_idle_max"]) == (0.25, 0.5)  # busiest generator (the planner's), most idle
+
+
+def test_step_record_sums_each_generators_reports_and_engine_counters():
+    from npr_async.messages import StepReport
+
+    def report(actor, seconds, tokens, forwards, graph_steps, engine_s):
+        return StepReport(step=3, version=3, role="rollout", actor=actor, seconds=seconds, num_tokens=tokens,
+                          metrics={"tokens_per_s": tokens / seconds, "engine_calls": 1.0, "engine_s": engine_s,
+                                   "forwards": forwards, "graph_steps": graph_steps, "steps_ahead": 0.0,
+                                   "preemptions": 0.0})
+    m = {"step_s": 4.0, "rollout_s": 3.0, "weight_sync_s": 0.5, "learner_compute_s": 1.0, "samples": 8}
+    # a re-dispatch gives rollout-0 two reports in the step; rollout-1 made no engine forward (empty shard)
+    reports = [report("rollout-0", 2.0, 300, 100, 80, 1.5), report("rollout-0", 1.0, 100, 50, 50, 0.5),
+               report("rollout-1", 0.5, 0, 0, 0, 0.0)]
+    rec = e2e.step_record(3, m, reports, verify_rate=16.0)
+    assert rec["gen_s"] == {"rollout-0": 3.0, "rollout-1": 0.5} and rec["gen_tokens"] == {"rollout-0": 400,
+                                                                                          "rollout-1": 0}
+    eng = rec["engine"]["rollout-0"]
+    assert (eng["forwards"], eng["graph_steps"], eng["engine_calls"]) == (150, 130, 2)
+    assert eng["ms_per_forward"] == pytest.approx(1e3 * 2.0 / 150) and "tokens_per_s" not in eng
+    assert rec["engine"]["rollout-1"]["ms_per_forward"] is None
+    assert rec["learner_tail_s"] == pytest.approx(0.5) and rec["verify_cpu_s"] == pytest.approx(0.5)
+    assert rec["idle_frac"] == {"learner": 0.75, "rollout-0": 0.25, "rollout-1": 0.875}
