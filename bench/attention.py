@@ -85,10 +85,13 @@ def main() -> int:
                     "[rows, ctx] table; 'engine' = as the CUDA-graph decode step calls it: q / k / v strided views "
                     "of one q/k/v projection output, the graphs' padded table [2 rows + 1, --table-width] read "
                     "through a rows tensor (session 9: a change measured faster with 'bench' was slower in the engine)")
-    ap.add_argument("--table-width", type=int, default=0, help="the engine call's table width (0: ctx + 264, "
-                    "bench/engine.py's prompt 128 + 256 new tokens minus the 128 already counted, + 8)")
+    ap.add_argument("--table-width", type=int, default=0, help="the engine call's table width (0: bench/engine.py's "
+                    "without forks, prompt 128 + branch 512 + 8 = 648, or the context if longer)")
     ap.add_argument("--out", required=True)
     a = ap.parse_args()
+    calls = a.call.split(",")
+    if set(calls) - {"bench", "engine"}:
+        ap.error(f"--call: {a.call!r}: give bench, engine or both")
     hq, hkv, d, dev = 32, 8, 128, torch.device("cuda")
     kc = torch.randn(a.slots, hkv, d, device=dev, dtype=torch.bfloat16)
     vc = torch.randn_like(kc)
@@ -111,7 +114,8 @@ def main() -> int:
         # table writes back what its last slots hold, so timing over the other tables leaves the cache (max_err) as is
         writes = {id(t): (kc[t[:, -1].long()].clone(), vc[t[:, -1].long()].clone(), t[:, -1].contiguous())
                   for t in tables}
-        engine_args = {id(t): engine_call_args(t, q, *writes[id(t)], a.table_width or ctx + 264) for t in tables}
+        engine_args = {id(t): engine_call_args(t, q, *writes[id(t)], a.table_width or max(648, ctx))
+                       for t in tables} if "engine" in calls else {}
         kw = inspect.signature(decode_attention).parameters  # the engine's defaults, whatever they are now
         dflt_cfg = (case["default_splits"], default_block_n(rows, hkv), kw["num_warps"].default,
                     default_stages(rows, hkv))
@@ -119,16 +123,12 @@ def main() -> int:
         norms = torch.rand(2, d, device=dev, dtype=torch.bfloat16) + 0.5
         configs = list(itertools.product(*(map(int, x.split(",")) for x in (a.splits, a.block_n, a.warps, a.stages))))
         rotations = [int(r) for r in a.rotate.split(",")]
-        for how, rot, (s, bn, w, st) in itertools.product(a.call.split(","), rotations,
+        for how, rot, (s, bn, w, st) in itertools.product(calls, rotations,
                                                           [dflt_cfg] if a.defaults else configs):
             rotate = (*norms, 1e-6, cos, sin) if rot else None
 
             def args(t, how=how):
-                if how == "engine":
-                    return engine_args[id(t)]
-                if how == "bench":
-                    return dict(q=q, table=t, lens=lens, new_kv=writes[id(t)])
-                raise ValueError(f"--call: unknown {how!r} (bench, engine)")
+                return engine_args[id(t)] if how == "engine" else dict(q=q, table=t, lens=lens, new_kv=writes[id(t)])
 
             def call(t, s=s, bn=bn, w=w, st=st, rotate=rotate):
                 return decode_attention(k_cache=kc, v_cache=vc, num_splits=s, block_n=bn, num_warps=w, num_stages=st,
@@ -147,7 +147,7 @@ def main() -> int:
             case["configs"].append({"splits": s, "block_n": bn, "warps": w, "stages": st, "rotate": rot, "call": how,
                                     "us": ms * 1e3, "gbs": nbytes / ms / 1e6, "max_err": err})
         res["cases"].append(case)
-        for how, rot in itertools.product(a.call.split(","), rotations):
+        for how, rot in itertools.product(calls, rotations):
             ok = [c for c in case["configs"] if "us" in c and c["rotate"] == rot and c["call"] == how]
             best = min(ok, key=lambda c: c["us"])
             dflt = next((c for c in ok if (c["splits"], c["block_n"], c["warps"], c["stages"]) == dflt_cfg), None)

@@ -15,10 +15,11 @@ has_git = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=
 
 @pytest.mark.skipif(not has_git, reason="needs the git checkout")
 def test_export_copies_the_revision_and_applies_exact_edits(tmp_path):
-    edit = ("engine/triton_gemm.py", "DEFAULT_MAX_ROWS = 16", "DEFAULT_MAX_ROWS = 8")
-    out = trees.export(ROOT, "a", "HEAD", tmp_path, [edit])
     committed = subprocess.run(["git", "show", "HEAD:engine/triton_gemm.py"], cwd=ROOT, capture_output=True,
                                text=True, check=True).stdout
+    line = next(ln for ln in committed.splitlines() if committed.count(ln) == 1 and ln.strip())  # occurs once
+    edit = ("engine/triton_gemm.py", line, line + "  # edited")
+    out = trees.export(ROOT, "a", "HEAD", tmp_path, [edit])
     assert (out / "engine" / "triton_gemm.py").read_text() == committed.replace(*edit[1:])
     assert (out / "bench" / "engine.py").is_file() and not (out / "npr_async").exists()
     with pytest.raises(FileExistsError, match="remove it first"):
