@@ -183,15 +183,15 @@ def _tiny(rows: int, num_kv_heads: int) -> bool:
 
 
 # Programs (rows x KV heads) below which the launch rotates q / k itself (see `rotates_inside`).
-ROTATE_INSIDE_BELOW = 512
+ROTATE_INSIDE_BELOW = 1024
 
 
 def rotates_inside(rows: int, num_kv_heads: int) -> bool:
     """Whether a launch with `qk_norm_rope` norms and rotates q / k in its own programs, saving the q/k kernel's
-    launch (~3 us per layer): below ROTATE_INSIDE_BELOW programs. With the scalar partner loads it cost +1.4 /
-    1.8 / 2.1 us at 1 / 16 / 64 rows and +9.2 at 256 (H200, context 256, CUDA graph: BENCHMARKS.md). With the
-    halves (this branch, unmeasured) the 64-row launch needs 154 registers instead of 124, 3 programs per SM
-    instead of 4 for its 512 programs, so 64 rows runs the q/k kernel first until a GPU run says otherwise."""
+    launch: below ROTATE_INSIDE_BELOW programs, so up to 64 rows of 8 KV heads. At 64 rows the in-launch rotation
+    takes 154 registers instead of 124 (3 programs per SM instead of 4), yet attention 0.891 ms per step against
+    the q/k kernel's 0.117 + attention's 0.846 (H200, uncompiled steps 5.37 vs 5.46 ms, session 10:
+    BENCHMARKS.md); at 256 rows the q/k kernel first (the prologue cost +9.2 us per layer there, session 7)."""
     return rows * num_kv_heads < ROTATE_INSIDE_BELOW
 
 

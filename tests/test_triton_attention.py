@@ -161,8 +161,14 @@ def test_fused_qk_norm_rope_matches_rotating_first(monkeypatch, splits, norm, in
     q, k = qk[:, :hq], qk[:, hq:]  # views of one [T, Hq + Hkv, D] tensor, as the fused q/k/v projection gives them
     out = decode_attention(q, kc, vc, table=table, lens=lens, new_kv=(k, v, slots), num_splits=splits,
                            qk_norm_rope=(*weights, 1e-6, cos, sin))
-    assert torch.equal(kc, ref_k) and torch.equal(vc, ref_v)
-    assert torch.equal(out, ref)  # the same arithmetic on the same bf16 q and k, only where it happens differs
+    # The same arithmetic on the same bf16 q and k, only where it happens differs; but the RMSNorm's float32 sum
+    # runs in each kernel's register layout, so a last-bit rstd difference may flip a rare bf16 rounding (session
+    # 10, H200: 1 of 5 cases not bit-equal). A swapped or misplaced half is off by ~1.
+    written = slots[slots >= 0].long()
+    untouched = torch.ones(len(kc), dtype=torch.bool, device=dev)
+    untouched[written] = False
+    assert torch.equal(kc[untouched], ref_k[untouched]) and torch.equal(vc, ref_v)
+    assert rel_err(kc[written], ref_k[written]) < 2e-3 and rel_err(out, ref) < 2e-3
     for bad in [(wq, None, 1e-6, cos, sin), (*weights, 1e-6, cos[:, :64], sin), (*weights, 1e-6, cos[:4], sin[:4])]:
         with pytest.raises(ValueError, match="qk_norm_rope"):
             decode_attention(q, kc, vc, table=table, lens=lens, new_kv=(k, v, slots), qk_norm_rope=bad)
