@@ -1,8 +1,9 @@
 """RolloutGenerator actor: one NPR-Engine; weights in over the weight-sync plane, trajectories out over ZMQ.
 
 The generator refuses to start on any weight version other than the one the controller asks for, and
-pushes each prompt's samples as soon as its chunk is generated, so the verifier pool and the learner work
-while later chunks are still being decoded. The seed of sample (step, prompt, index) is a pure function
+pushes each trajectory the moment the engine finishes it (`LLM.generate(on_finished=...)`), so the verifier
+pool and the learner work while the rest still decode. The engine takes `rollout.chunk_samples` samples per call
+(a larger call batches more rows per forward: fewer, longer forwards). The seed of sample (step, prompt, index) is a pure function
 of them, so a sample re-dispatched after a crash is the same sample.
 """
 from __future__ import annotations
@@ -84,6 +85,7 @@ class RolloutGenerator:
                 for i in (only.get(p.prompt_id, []) if only is not None else range(request.samples_per_prompt))]
         chunk = max(1, self.cfg.rollout.chunk_samples)
         sent = tokens = 0
+        send_s = 0.0
         counters = ("engine_calls", "engine_s", "forwards", "graph_steps", "steps_ahead", "preemptions")
         engine = dict.fromkeys(counters, 0.0)  # the engine loop's own account (llm.last_stats), summed over calls
         for start in range(0, len(work), chunk):
@@ -93,22 +95,27 @@ class RolloutGenerator:
                        for p, _ in part]
             params = [msgspec.structs.replace(base, seed=sample_seed(self.cfg.controller.seed, request.step,
                                                                      p.prompt_id, i)) for p, i in part]
-            t_gen = time.perf_counter()
-            trajs = self.llm.generate(prompts, params, prompt_ids=[p.prompt_id for p, _ in part],
-                                      version=request.version)
-            engine["engine_s"] += time.perf_counter() - t_gen  # the rest: prompts, sending
+            def push(j: int, traj, part=part) -> None:  # each trajectory leaves as it finishes
+                nonlocal sent, tokens, send_s
+                t_send = time.perf_counter()
+                traj.sample_idx, traj.version = part[j][1], request.version
+                self.sender.send(traj)
+                send_s += time.perf_counter() - t_send
+                sent += 1
+                tokens += traj.num_tokens
+
+            t_gen, send_before = time.perf_counter(), send_s
+            self.llm.generate(prompts, params, prompt_ids=[p.prompt_id for p, _ in part], version=request.version,
+                              on_finished=push)
+            # the rest of the step: prompts; sending (a full queue blocks it) is counted apart
+            engine["engine_s"] += time.perf_counter() - t_gen - (send_s - send_before)
             engine["engine_calls"] += 1
             for k in ("forwards", "graph_steps", "steps_ahead", "preemptions"):
                 engine[k] += self.llm.last_stats.get(k, 0)
-            for traj, (_, i) in zip(trajs, part):
-                traj.sample_idx, traj.version = i, request.version
-                self.sender.send(traj)
-                sent += 1
-                tokens += traj.num_tokens
         seconds = time.perf_counter() - t0
         return StepReport(step=request.step, version=request.version, role="rollout", actor=self.name,
                           sent=sent, num_trajectories=sent, num_tokens=tokens, seconds=seconds,
-                          metrics={"tokens_per_s": tokens / max(seconds, 1e-9), **engine})
+                          metrics={"tokens_per_s": tokens / max(seconds, 1e-9), "send_s": send_s, **engine})
 
     def close(self) -> None:
         if self.sender is not None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import random
+from collections.abc import Callable
 from operator import attrgetter
 from pathlib import Path
 
@@ -129,10 +130,13 @@ class LLM:
 
     @torch.inference_mode()
     def generate(self, prompts: list, params: SamplingParams | list[SamplingParams] | None = None,
-                 prompt_ids: list[str] | None = None, version: int | None = None, n: int = 1) -> list[Trajectory]:
+                 prompt_ids: list[str] | None = None, version: int | None = None, n: int = 1,
+                 on_finished: Callable[[int, Trajectory], None] | None = None) -> list[Trajectory]:
         """One trajectory per (prompt, sample index < n), prompt-major. A prompt is text (tokenised as is,
         no chat template) or token ids, and may end anywhere in an NPR trajectory (e.g. right after
-        `</guideline>`: the fork happens at once). `version`: refuse to start on other weights."""
+        `</guideline>`: the fork happens at once). `version`: refuse to start on other weights.
+        `on_finished(index, trajectory)`: called as each trajectory finishes (index into the returned list),
+        while the others still decode; an exception from it stops the call, the KV it held freed."""
         if version is not None and version != self.version:
             raise RuntimeError(f"asked to generate with weights v{version}, loaded v{self.version}")
         params = params or SamplingParams()
@@ -159,18 +163,31 @@ class LLM:
         self.sampler.reset()
         if self.graphs is not None:
             self.graphs.reset_rows()
+        done: dict[int, Trajectory] = {}
         try:
             forwards = 0
             while not sched.done():
                 items = sched.schedule()  # empty once the last requests finished
+                self._report(sched.finished, done, on_finished)
                 forwards += self._step(items)
             sched.retire()
+            self._report(sched.finished, done, on_finished)
         finally:
             self._busy = False
+            for req in sched.running:  # an exception left them resident: their KV goes back to the pool
+                req.detach()
         self.last_stats = {"forwards": forwards, "graph_steps": self._graph_steps, "steps_ahead": self._steps_ahead,
                            "preemptions": sched.num_preemptions}
         self.last_requests = reqs  # tests: per-request engine state (e.g. suppressed forks)
-        return [self._trajectory(r) for r in reqs]
+        return [done[r.rid] if r.rid in done else self._trajectory(r) for r in reqs]
+
+    def _report(self, finished: list[Request], done: dict[int, Trajectory], on_finished) -> None:
+        """Build and hand out the trajectories of requests finished since the last call (`finished` only grows)."""
+        if on_finished is None:
+            return
+        for req in finished[len(done):]:
+            done[req.rid] = traj = self._trajectory(req)
+            on_finished(req.rid, traj)
 
     def _ids(self, prompt, i: int) -> list[int]:
         if isinstance(prompt, str):

@@ -229,6 +229,53 @@ def test_200_requests_on_a_small_pool_complete_through_preemption(tiny):
         assert np.array_equal(a.ids(), b.ids())
 
 
+def test_on_finished_hands_out_each_trajectory_as_it_finishes(tiny):
+    """on_finished(index, trajectory): once per request, the returned trajectory itself, the short requests'
+    while the long ones still decode; the same trajectories as without it."""
+    _, _, llm = tiny
+    prompts = [PROMPTS[0], PROMPTS[6], PROMPTS[2], PROMPTS[3]]
+    plist = [params(seed=5, max_total_tokens=n) for n in (120, 12, 90, 20)]
+    seen, still_running = [], []
+
+    def on_finished(i, traj):
+        seen.append((i, traj))
+        still_running.append(sum(r.finish_reason is None for r in llm._sched.running))
+
+    trajs = llm.generate(prompts, plist, on_finished=on_finished)
+    assert sorted(i for i, _ in seen) == [0, 1, 2, 3]
+    assert all(trajs[i] is t for i, t in seen)
+    assert seen[0][0] in (1, 3) and still_running[0] >= 2  # a 12- or 20-token budget ends first
+    assert still_running[-1] == 0
+    plain = llm.generate(prompts, plist)
+    for a, b in zip(plain, trajs):
+        assert np.array_equal(a.ids(), b.ids()) and a.finish_reason == b.finish_reason
+
+
+def test_on_finished_raising_stops_the_call_and_frees_its_kv(tiny):
+    """An exception from on_finished (e.g. a send that timed out) propagates; the KV of the requests still
+    decoding goes back to the pool, and the engine then generates as before."""
+    _, _, llm = tiny
+    eng = LLM(llm.model, llm.tokenizer, EngineConfig(kv_slots=2048, max_batch_tokens=256))
+    prompts = [PROMPTS[6], PROMPTS[0], PROMPTS[3]]
+    plist = [params(seed=3, max_total_tokens=n) for n in (8, 120, 120)]
+
+    resident = []
+
+    def fail(i, traj):
+        resident.append(len(eng._sched.running))
+        raise ConnectionError(f"verifier pool gone (sample {i})")
+
+    with pytest.raises(ConnectionError, match="verifier pool gone"):
+        eng.generate(prompts, plist, on_finished=fail)
+    assert resident[0] >= 1  # requests were still decoding (holding KV) when it raised
+    eng.kv.check([])
+    assert eng.kv.num_free == 2048
+    again = eng.generate(prompts, plist)
+    fresh = LLM(llm.model, llm.tokenizer, EngineConfig(kv_slots=2048, max_batch_tokens=256)).generate(prompts, plist)
+    for a, b in zip(again, fresh):
+        assert np.array_equal(a.ids(), b.ids())
+
+
 @pytest.mark.parametrize("ahead", [False, True])
 def test_graph_host_path_on_cpu_matches_eager(tiny, monkeypatch, ahead):
     """The CUDA-graph decode path's host side (one copy of static inputs, each branch kept on a table row
