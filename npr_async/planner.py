@@ -53,7 +53,7 @@ class Rates:
 class Workload:
     prompts_per_step: int
     samples_per_prompt: int
-    chunk_samples: int  # samples per engine call; a finished chunk streams on while the next one decodes
+    chunk_samples: int  # samples per engine call; each finished sample streams on while the rest decode
     streaming: bool = True
 
     @property
