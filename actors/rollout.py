@@ -2,9 +2,9 @@
 
 The generator refuses to start on any weight version other than the one the controller asks for, and
 pushes each trajectory the moment the engine finishes it (`LLM.generate(on_finished=...)`), so the verifier
-pool and the learner work while the rest still decode. The engine takes `rollout.chunk_samples` samples per call
-(a larger call batches more rows per forward: fewer, longer forwards). The seed of sample (step, prompt, index) is a pure function
-of them, so a sample re-dispatched after a crash is the same sample.
+pool and the learner work while the rest still decode. The engine takes `rollout.chunk_samples` samples per
+call (a larger call batches more rows per forward: fewer, longer forwards). The seed of sample (step, prompt,
+index) is a pure function of them, so a sample re-dispatched after a crash is the same sample.
 """
 from __future__ import annotations
 
