@@ -2,9 +2,10 @@
 
 The generator refuses to start on any weight version other than the one the controller asks for, and
 pushes each trajectory the moment the engine finishes it (`LLM.generate(on_finished=...)`), so the verifier
-pool and the learner work while the rest still decode. The engine takes `rollout.chunk_samples` samples per
-call (a larger call batches more rows per forward: fewer, longer forwards). The seed of sample (step, prompt,
-index) is a pure function of them, so a sample re-dispatched after a crash is the same sample.
+pool and the learner work while the rest still decode. One engine call takes the whole shard with at most
+`rollout.chunk_samples` samples decoding at once (`max_running`: more rows per forward, fewer and longer
+forwards), the next entering as earlier ones finish. The seed of sample (step, prompt, index) is a pure
+function of them, so a sample re-dispatched after a crash is the same sample.
 """
 from __future__ import annotations
 
@@ -83,35 +84,31 @@ class RolloutGenerator:
         base = SamplingParams.from_config(self.cfg.engine, self.cfg.rollout.sampling, **_overrides(spec))
         work = [(p, i) for p in request.prompts
                 for i in (only.get(p.prompt_id, []) if only is not None else range(request.samples_per_prompt))]
-        chunk = max(1, self.cfg.rollout.chunk_samples)
+        prefix = self.cfg.rollout.response_prefix
+        prompts = [p.ids().tolist() if p.token_ids else format_prompt(self.llm.tokenizer, p.text) + prefix
+                   for p, _ in work]
+        params = [msgspec.structs.replace(base, seed=sample_seed(self.cfg.controller.seed, request.step,
+                                                                 p.prompt_id, i)) for p, i in work]
         sent = tokens = 0
         send_s = 0.0
-        counters = ("engine_calls", "engine_s", "forwards", "graph_steps", "steps_ahead", "preemptions")
-        engine = dict.fromkeys(counters, 0.0)  # the engine loop's own account (llm.last_stats), summed over calls
-        for start in range(0, len(work), chunk):
-            part = work[start:start + chunk]
-            prefix = self.cfg.rollout.response_prefix
-            prompts = [p.ids().tolist() if p.token_ids else format_prompt(self.llm.tokenizer, p.text) + prefix
-                       for p, _ in part]
-            params = [msgspec.structs.replace(base, seed=sample_seed(self.cfg.controller.seed, request.step,
-                                                                     p.prompt_id, i)) for p, i in part]
-            def push(j: int, traj, part=part) -> None:  # each trajectory leaves as it finishes
-                nonlocal sent, tokens, send_s
-                t_send = time.perf_counter()
-                traj.sample_idx, traj.version = part[j][1], request.version
-                self.sender.send(traj)
-                send_s += time.perf_counter() - t_send
-                sent += 1
-                tokens += traj.num_tokens
 
-            t_gen, send_before = time.perf_counter(), send_s
-            self.llm.generate(prompts, params, prompt_ids=[p.prompt_id for p, _ in part], version=request.version,
-                              on_finished=push)
-            # the rest of the step: prompts; sending (a full queue blocks it) is counted apart
-            engine["engine_s"] += time.perf_counter() - t_gen - (send_s - send_before)
-            engine["engine_calls"] += 1
-            for k in ("forwards", "graph_steps", "steps_ahead", "preemptions"):
-                engine[k] += self.llm.last_stats.get(k, 0)
+        def push(j: int, traj) -> None:  # each trajectory leaves as it finishes
+            nonlocal sent, tokens, send_s
+            t_send = time.perf_counter()
+            traj.sample_idx, traj.version = work[j][1], request.version
+            self.sender.send(traj)
+            send_s += time.perf_counter() - t_send
+            sent += 1
+            tokens += traj.num_tokens
+
+        t_gen = time.perf_counter()
+        # one call: `chunk_samples` samples decode at once, the next entering as earlier ones finish
+        self.llm.generate(prompts, params, prompt_ids=[p.prompt_id for p, _ in work], version=request.version,
+                          on_finished=push, max_running=self.cfg.rollout.chunk_samples)
+        counters = ("forwards", "graph_steps", "steps_ahead", "preemptions")
+        engine = {"engine_calls": 1.0, **{k: float(self.llm.last_stats.get(k, 0)) for k in counters},
+                  # the rest of the step: prompts; sending (a full queue blocks it) is counted apart
+                  "engine_s": time.perf_counter() - t_gen - send_s}
         seconds = time.perf_counter() - t0
         return StepReport(step=request.step, version=request.version, role="rollout", actor=self.name,
                           sent=sent, num_trajectories=sent, num_tokens=tokens, seconds=seconds,

@@ -3,11 +3,12 @@
 For each rollout-generator count (scaling by actor count) and streaming on/off it builds a fresh `Cluster`,
 runs `--warmup` untimed steps and `--steps` timed ones through `controller.run_step`, and reports per step:
 rollout (busiest generator, and each generator's own generate time), verification (CPU seconds at the
-pool's measured rate), learner wait vs compute and its tail after the rollouts, weight sync, idle time per
-GPU (learner: step − its compute; generator: step − its generate time), tokens/s, and each generator's engine
-loop: engine calls (one per `rollout.chunk_samples`), forwards, how many replayed a CUDA graph or ran a step
-ahead, and milliseconds per forward (`engine` in the JSON, a line per generator). JSON to --out (rewritten
-after every configuration, so a cut-off run keeps what it measured), a table to stdout.
+pool's measured rate), learner wait vs busy time and its tail after the rollouts, weight sync, idle time per
+GPU (learner: step − its device's busy time; generator: step − its generate time), tokens/s, and each
+generator's engine loop: engine calls (one per request, `rollout.chunk_samples` samples decoding at once),
+forwards, how many replayed a CUDA graph or ran a step ahead, and milliseconds per forward (`engine` in the
+JSON, a line per generator). JSON to --out (rewritten after every configuration, so a cut-off run keeps what
+it measured), a table to stdout.
 
     python3 bench/e2e.py --config configs/bench_4gpu.yaml --shape qwen3-0.6b --force-plans 4 \
         --generators 1,2,3 --streaming on,off --steps 3 --out e2e_4gpu.json

@@ -131,12 +131,15 @@ class LLM:
     @torch.inference_mode()
     def generate(self, prompts: list, params: SamplingParams | list[SamplingParams] | None = None,
                  prompt_ids: list[str] | None = None, version: int | None = None, n: int = 1,
-                 on_finished: Callable[[int, Trajectory], None] | None = None) -> list[Trajectory]:
+                 on_finished: Callable[[int, Trajectory], None] | None = None, max_running: int = 0
+                 ) -> list[Trajectory]:
         """One trajectory per (prompt, sample index < n), prompt-major. A prompt is text (tokenised as is,
         no chat template) or token ids, and may end anywhere in an NPR trajectory (e.g. right after
         `</guideline>`: the fork happens at once). `version`: refuse to start on other weights.
         `on_finished(index, trajectory)`: called as each trajectory finishes (index into the returned list),
-        while the others still decode; an exception from it stops the call, the KV it held freed."""
+        while the others still decode; an exception from it stops the call, the KV it held freed.
+        `max_running`: at most that many requests decode at once (0: as many as the KV pool holds); the others
+        enter, in order and in groups, as earlier ones finish."""
         if version is not None and version != self.version:
             raise RuntimeError(f"asked to generate with weights v{version}, loaded v{self.version}")
         params = params or SamplingParams()
@@ -147,8 +150,9 @@ class LLM:
         # with graphs, forced headers go one token per forward unless a prompt makes the forward eager anyway:
         # an eager forward of a real model costs several graph steps (BENCHMARKS.md), and unsynchronised
         # requests would otherwise make every fork and join an eager forward for the whole batch
-        sched = Scheduler(self.kv, self.config.max_batch_tokens, SPLIT_HEADERS if self.use_graphs else 0)
-        self._sched = sched  # steps ahead stop while a request waits for admission
+        sched = Scheduler(self.kv, self.config.max_batch_tokens, SPLIT_HEADERS if self.use_graphs else 0,
+                          max_running)
+        self._sched = sched  # steps ahead stop while a request may be admitted
         reqs = []
         for i, (prompt, p) in enumerate(zip(prompts, plist)):
             ids = self._ids(prompt, i)
@@ -225,7 +229,7 @@ class LLM:
         # decodes on and no request waits for admission (the scheduler then takes over again)
         ahead = STEP_AHEAD and graphs is not None and len(todo) == len(items)
         while True:
-            nxt = step_ahead.launch(self, todo, graphs, fed) if ahead and not self._sched.waiting else None
+            nxt = step_ahead.launch(self, todo, graphs, fed) if ahead and not self._sched.window_open() else None
             tokens, logprobs = self.sampler.collect(out)
             self._take(todo, tokens, logprobs)
             if nxt is None:

@@ -48,8 +48,13 @@ class Scheduler:
     a forward per header token), so that it stays a decode-only forward that a CUDA graph can run; a prompt
     chunk (or a recompute) keeps the forward eager and takes its headers whole."""
 
-    def __init__(self, kv: KVStore, max_batch_tokens: int, split_headers: int = 0):
+    def __init__(self, kv: KVStore, max_batch_tokens: int, split_headers: int = 0, max_running: int = 0):
+        if max_running < 0:
+            raise ValueError(f"max_running must be >= 0 (0: no limit), got {max_running}")
         self.kv, self.max_batch_tokens, self.split_headers = kv, max_batch_tokens, split_headers
+        # at most max_running requests resident; once full, admit again only when a quarter of it is free, so
+        # that prompts enter in groups (each admission makes a forward eager: its prompt chunk)
+        self.max_running, self.admit_group = max_running, max(1, max_running // 4)
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.finished: list[Request] = []
@@ -62,12 +67,21 @@ class Scheduler:
         return not self.waiting and not self.running
 
     # admission and preemption ------------------------------------------------------------------
-    def _admit(self) -> None:
+    def window_open(self) -> bool:
+        """Whether waiting requests may enter now as far as `max_running` goes (the KV pool may still say no)."""
         if not self.waiting:
+            return False
+        if not self.max_running:
+            return True
+        free = self.max_running - len(self.running)
+        return free >= min(self.admit_group, len(self.waiting)) or not self.running
+
+    def _admit(self) -> None:
+        if not self.window_open():
             return
         # room for every running branch's next token, then the whole of the new request
         reserve = sum(len(r.live()) for r in self.running)
-        while self.waiting:
+        while self.waiting and (not self.max_running or len(self.running) < self.max_running):
             req = self.waiting[0]
             need = sum(len(s.tokens) for s in req.segs) + len(req.live())
             if self.running and self.kv.num_free - reserve < need:

@@ -78,7 +78,8 @@ class RolloutConfig(Section):
     num_cpus_per_worker: Annotated[float, msgspec.Meta(gt=0.0)] = 0.5
     prompts_per_step: Pos = 16
     samples_per_prompt: Pos = 16
-    chunk_samples: Pos = 64  # samples per engine call; each trajectory streams to the verifiers as it finishes
+    # samples decoding at once per generator (the engine's max_running); each streams on as it finishes
+    chunk_samples: Pos = 64
     response_prefix: str = ""  # appended after the chat template, e.g. a guideline that forces a fork (benchmarks)
     sampling: SamplingConfig = msgspec.field(default_factory=SamplingConfig)
     eval_sampling: SamplingConfig = msgspec.field(

@@ -2,7 +2,7 @@
 
 One step, for a layout of `generators` rollout GPUs, `learner_gpus` learner GPUs and `verifier_workers`:
 
-    sync ─► rollout (chunks of `chunk_samples`, prompts sharded over generators) ─► verify ─► learner
+    sync ─► rollout (`chunk_samples` in flight, prompts sharded over generators) ─► verify ─► learner
             └── streaming: the learner trains on each verified wave while later waves are generated ──┘
     step = sync + learner end;   learner end = max(first arrival + all work, last arrival + last wave's work)
 
@@ -53,7 +53,7 @@ class Rates:
 class Workload:
     prompts_per_step: int
     samples_per_prompt: int
-    chunk_samples: int  # samples per engine call; each finished sample streams on while the rest decode
+    chunk_samples: int  # samples decoding at once per generator; waves of them when lengths are alike
     streaming: bool = True
 
     @property

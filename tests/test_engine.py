@@ -276,6 +276,57 @@ def test_on_finished_raising_stops_the_call_and_frees_its_kv(tiny):
         assert np.array_equal(a.ids(), b.ids())
 
 
+def test_max_running_windows_requests_in_groups_and_changes_no_sample(tiny, monkeypatch):
+    """generate(max_running=N): never more than N requests resident; once the window is full, prompts enter
+    only in groups of N/4 (or all that still wait); the same trajectories as without a window (each request's
+    draws are its own); on the graph host path, steps run ahead while requests wait behind the full window."""
+    import engine.llm as llm_mod
+    from engine import step_ahead
+    from engine.cuda_graphs import DecodeGraphs
+    from engine.scheduler import Scheduler
+
+    monkeypatch.setattr(llm_mod, "STEP_AHEAD", True)
+    resident, admitted = [], []
+    schedule = Scheduler.schedule
+
+    def watched(sched):
+        sched.retire()  # (schedule retires first too)
+        live, waiting = len(sched.running), len(sched.waiting)
+        items = schedule(sched)
+        resident.append(len(sched.running))
+        if len(sched.running) > live:  # an admission: how many entered, how many waited
+            admitted.append((len(sched.running) - live, waiting))
+        return items
+
+    monkeypatch.setattr(Scheduler, "schedule", watched)
+    ahead_while_waiting = []
+    launch = step_ahead.launch
+    monkeypatch.setattr(step_ahead, "launch",
+                        lambda llm, *a: (ahead_while_waiting.append(len(llm._sched.waiting)), launch(llm, *a))[1])
+    _, _, llm = tiny
+    prompts = PROMPTS * 3
+    plist = [params(seed=11 + i, max_total_tokens=30 + 7 * (i % 5), max_path_tokens=60) for i in range(len(prompts))]
+    eng = LLM(llm.model, llm.tokenizer, EngineConfig(kv_slots=4096, max_batch_tokens=512))
+    free = eng.kv.num_free
+    with pytest.raises(ValueError, match="max_running"):
+        eng.generate(prompts, plist, max_running=-1)
+    plain = eng.generate(prompts, plist)
+    resident.clear()
+    admitted.clear()
+    eng.use_graphs = True
+    eng.graphs = DecodeGraphs(eng.model, eng.kv.k, eng.kv.v, 4096, buckets=(1, 2, 4, 8, 16, 32), sample=False)
+    eng.graphs.capture()
+    windowed = eng.generate(prompts, plist, max_running=8)
+    assert max(resident) == 8 and len(admitted) >= 4
+    for n, waiting in admitted[1:]:  # after the first fill: groups of 8 // 4, or the last ones
+        assert n >= min(2, waiting), admitted
+    assert any(ahead_while_waiting) and eng.last_stats["steps_ahead"] > 0
+    for a, b in zip(plain, windowed):
+        assert np.array_equal(a.ids(), b.ids()) and a.finish_reason == b.finish_reason
+    eng.kv.check([])
+    assert eng.kv.num_free == free
+
+
 @pytest.mark.parametrize("ahead", [False, True])
 def test_graph_host_path_on_cpu_matches_eager(tiny, monkeypatch, ahead):
     """The CUDA-graph decode path's host side (one copy of static inputs, each branch kept on a table row
