@@ -147,6 +147,8 @@ class LLM:
         if len(plist) != len(prompts) or (prompt_ids is not None and len(prompt_ids) != len(prompts)):
             raise ValueError(f"{len(prompts)} prompts, {len(plist)} params, "
                              f"{len(prompt_ids) if prompt_ids is not None else '-'} prompt ids")
+        if on_finished is not None and not callable(on_finished):
+            raise TypeError(f"on_finished must be callable(index, trajectory), got {type(on_finished).__name__}")
         # with graphs, forced headers go one token per forward unless a prompt makes the forward eager anyway:
         # an eager forward of a real model costs several graph steps (BENCHMARKS.md), and unsynchronised
         # requests would otherwise make every fork and join an eager forward for the whole batch

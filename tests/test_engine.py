@@ -265,6 +265,8 @@ def test_on_finished_raising_stops_the_call_and_frees_its_kv(tiny):
         resident.append(len(eng._sched.running))
         raise ConnectionError(f"verifier pool gone (sample {i})")
 
+    with pytest.raises(TypeError, match="on_finished must be callable"):
+        eng.generate(prompts, plist, on_finished=[])
     with pytest.raises(ConnectionError, match="verifier pool gone"):
         eng.generate(prompts, plist, on_finished=fail)
     assert resident[0] >= 1  # requests were still decoding (holding KV) when it raised

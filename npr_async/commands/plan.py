@@ -45,7 +45,7 @@ def configure(p) -> None:
     p.add_argument("--cpus-per-verifier", type=float, default=1.0)
     p.add_argument("--prompts-per-step", type=int, help="target batch (default: the calibration run's)")
     p.add_argument("--samples-per-prompt", type=int)
-    p.add_argument("--chunk-samples", type=int)
+    p.add_argument("--chunk-samples", type=int, help="samples decoding at once per generator (rollout.chunk_samples)")
     p.add_argument("--slack", type=float, default=0.02,
                    help="take the fewest GPUs whose predicted step is within this fraction of the fastest")
     p.add_argument("--no-streaming", action="store_true", help="plan for learner.streaming=false")
