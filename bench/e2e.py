@@ -54,6 +54,8 @@ def parse_args(argv):
     p.add_argument("--warmup", type=int, default=1, help="untimed steps first (allocation, compilation)")
     p.add_argument("--generators", default="", help="rollout generator counts, e.g. 1,2,3 (default: the config's)")
     p.add_argument("--streaming", default="on,off", help="learner.streaming values: on,off | on | off")
+    p.add_argument("--chunks", default="", help="rollout.chunk_samples values (samples decoding at once per "
+                   "generator), e.g. 16,48,96: the planner fits the generator's rate curve from them")
     p.add_argument("--scaling", choices=("strong", "weak"), default="strong",
                    help="strong: the config's prompts per step for every count; weak: prompts × generators")
     p.add_argument("--shape", choices=sorted(SHAPES), help="random-init Qwen3 shape instead of model.preset")
@@ -193,7 +195,7 @@ def summarise(steps: list[dict]) -> dict:
     out = {k: mean(k) for k in ("step_s", "rollout_s", "weight_sync_s", "learner_wait_s", "learner_compute_s",
                                 "learner_s", "learner_tail_s", "verify_cpu_s", "tokens_per_s")}
     out.update(learner_busy_s=sum(map(learner_busy, steps)) / len(steps), gen_tokens_per_s=gen_tok / gen_s,
-               learner_tokens_per_s=tokens / sum(map(learner_busy, steps)),
+               learner_tokens_per_s=tokens / max(sum(map(learner_busy, steps)), 1e-9),
                tokens_per_sample=tokens / max(sum(s["samples"] or 0 for s in steps), 1),
                learner_idle=mean("idle_frac_learner"), rollout_idle=mean("idle_frac_rollout_min"),  # busiest
                rollout_idle_max=mean("idle_frac_rollout_max"),
@@ -201,18 +203,29 @@ def summarise(steps: list[dict]) -> dict:
     return out
 
 
-def run_config(args, base_overrides: list[str], n_gen: int, streaming: bool, model_dir: str, rows: list[dict],
-               verifier: dict | None) -> tuple[dict, dict | None]:
+def configurations(gens: list[int], modes: list[bool], chunks: list[int]) -> list[tuple[int, bool, int, str]]:
+    """(generators, streaming, chunk_samples or 0 for the config's, label) of every run, in run order."""
+    out = []
+    for n in gens:
+        for streaming in modes:
+            for chunk in chunks or [0]:
+                label = f"gen={n},stream={'on' if streaming else 'off'}" + (f",chunk={chunk}" if chunk else "")
+                out.append((n, streaming, chunk, label))
+    return out
+
+
+def run_config(args, base_overrides: list[str], n_gen: int, streaming: bool, chunk: int, label: str,
+               model_dir: str, rows: list[dict], verifier: dict | None) -> tuple[dict, dict | None]:
     import ray
 
     from npr_async.config import load_config
     from npr_async.controller import Cluster, run_step, step_prompts
 
     over = base_overrides + [f"rollout.num_workers={n_gen}", f"learner.streaming={'true' if streaming else 'false'}"]
+    over += [f"rollout.chunk_samples={chunk}"] if chunk else []
     cfg = load_config(args.config, over)
     if args.scaling == "weak":  # the same work per generator
         cfg = load_config(args.config, over + [f"rollout.prompts_per_step={cfg.rollout.prompts_per_step * n_gen}"])
-    label = f"gen={n_gen},stream={'on' if streaming else 'off'}"
     t0 = time.perf_counter()
     cluster = Cluster(cfg, model_dir, rows)
     start_s = time.perf_counter() - t0
@@ -255,13 +268,13 @@ def run_config(args, base_overrides: list[str], n_gen: int, streaming: bool, mod
 
 
 def print_table(runs: list[dict]) -> None:
-    print(f"\n{'run':<20} {'step s':>7} {'rollout':>8} {'verify*':>8} {'l.wait':>7} {'l.busy':>7} {'l.tail':>7} "
+    print(f"\n{'run':<29} {'step s':>7} {'rollout':>8} {'verify*':>8} {'l.wait':>7} {'l.busy':>7} {'l.tail':>7} "
           f"{'sync':>6} {'tok/s':>8} {'gen tok/s':>9} {'idle lrn':>8} {'idle gen':>8}")
     for run in runs:
         m = run["mean"]
         if not m:
             continue
-        print(f"{run['label']:<20} {m['step_s']:7.2f} {m['rollout_s']:8.2f} {m['verify_cpu_s']:8.2f} "
+        print(f"{run['label']:<29} {m['step_s']:7.2f} {m['rollout_s']:8.2f} {m['verify_cpu_s']:8.2f} "
               f"{m['learner_wait_s']:7.2f} {m['learner_busy_s']:7.2f} {m['learner_tail_s']:7.2f} "
               f"{m['weight_sync_s']:6.3f} {m['tokens_per_s']:8.0f} {m['gen_tokens_per_s']:9.0f} "
               f"{m['learner_idle'] * 100:7.0f}% {m['rollout_idle_max'] * 100:7.0f}%")
@@ -296,6 +309,9 @@ def main(argv=None) -> int:
     cfg = load_config(args.config, args.overrides)
     gens = [int(x) for x in (args.generators or str(cfg.rollout.num_workers)).split(",")]
     modes = [{"on": True, "off": False}[x.strip()] for x in args.streaming.split(",")]
+    chunks = [int(x) for x in args.chunks.split(",") if x.strip()]
+    if any(c < 1 for c in chunks):
+        raise SystemExit(f"--chunks: positive sample counts, got {args.chunks!r}")
     overrides = list(args.overrides) + [f"controller.steps={args.warmup + args.steps}"]
     run_dir = Path(args.run_dir or ROOT / "runs" / "bench_e2e")
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -310,14 +326,15 @@ def main(argv=None) -> int:
                     "warmup": args.warmup, "steps": args.steps, **environment()},
            "verifier": None, "runs": []}
     print(f"e2e: {params / 1e6:.0f}M parameters ({nbytes / 1e9:.2f} GB per broadcast), generators {gens}, "
-          f"streaming {args.streaming}, {args.steps} timed steps each -> {out}", flush=True)
+          f"streaming {args.streaming}, chunks {chunks or cfg.rollout.chunk_samples}, {args.steps} timed steps "
+          f"each -> {out}", flush=True)
     try:
-        for n in gens:
-            for streaming in modes:
-                run, doc["verifier"] = run_config(args, overrides, n, streaming, model_dir, rows, doc["verifier"])
-                doc["runs"].append(run)
-                out.parent.mkdir(parents=True, exist_ok=True)
-                out.write_text(json.dumps(doc, indent=2))
+        for n, streaming, chunk, label in configurations(gens, modes, chunks):
+            run, doc["verifier"] = run_config(args, overrides, n, streaming, chunk, label, model_dir, rows,
+                                              doc["verifier"])
+            doc["runs"].append(run)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps(doc, indent=2))
     finally:
         ray.shutdown()
     print_table(doc["runs"])

@@ -203,8 +203,7 @@ def run_workload(run: dict) -> Workload:
 
 def rates_from_run(doc: dict, run: dict, **overrides) -> Rates:
     """Rates of one measured configuration of a bench/e2e.py JSON (the means over its timed steps)."""
-    m, c = run["mean"], run["config"]
-    per_gen = math.ceil(c["prompts_per_step"] / run["generators"]) * c["samples_per_prompt"]
+    m = run["mean"]
     sync_bytes = doc["meta"]["weight_bytes"]
     # the measured sync is bytes/bw + hops·latency (ring): solve for bw at the default latency
     lat = overrides.get("sync_latency_s", Rates.sync_latency_s)
@@ -212,10 +211,35 @@ def rates_from_run(doc: dict, run: dict, **overrides) -> Rates:
     kw = dict(gen_tokens_per_s=m["gen_tokens_per_s"], learner_tokens_per_s=m["learner_tokens_per_s"],
               verdicts_per_s=doc["verifier"]["verdicts_per_s_per_worker"],
               tokens_per_sample=m["tokens_per_sample"], model_bytes=sync_bytes,
-              gen_batch=min(c["chunk_samples"], per_gen), sync_bw_intra=bw,
+              gen_batch=run_in_flight(run), sync_bw_intra=bw,
               sync_bw_inter=min(bw, Rates.sync_bw_inter))  # never faster across nodes than measured inside one
     kw.update(overrides)
     return Rates(**kw)
+
+
+def run_in_flight(run: dict) -> int:
+    """Samples decoding at once on each generator of a measured run (its window, or all of a smaller shard)."""
+    c = run["config"]
+    per_gen = math.ceil(c["prompts_per_step"] / run["generators"]) * c["samples_per_prompt"]
+    return min(c["chunk_samples"], per_gen)
+
+
+def fit_gen_curve(points: list[tuple[float, float]]) -> tuple[float, float] | None:
+    """(peak tokens/s, half batch h) of `rate = peak · b / (b + h)` through (samples in flight b, tokens/s)
+    points, by least squares on 1/rate = 1/peak + (h/peak) · 1/b; None with fewer than two distinct b, or
+    when the points do not rise with b (no such curve)."""
+    xs = sorted({b for b, _ in points})
+    if len(xs) < 2:
+        return None
+    n = len(points)
+    u = [1 / b for b, _ in points]
+    v = [1 / r for _, r in points]
+    mu, mv = sum(u) / n, sum(v) / n
+    slope = sum((a - mu) * (c - mv) for a, c in zip(u, v)) / sum((a - mu) ** 2 for a in u)
+    intercept = mv - slope * mu
+    if slope <= 0 or intercept <= 0:
+        return None
+    return 1 / intercept, slope / intercept
 
 
 def compare(doc_runs: list[tuple[dict, dict]], rates: Rates, gpus_per_node: int = 8) -> list[dict]:

@@ -61,3 +61,11 @@ def test_step_record_sums_each_generators_reports_and_engine_counters():
     assert rec["idle_frac"] == {"learner": 0.75, "rollout-0": 0.25, "rollout-1": 0.875}
     rec = e2e.step_record(3, {**m, "learner_busy_s": 2.0}, reports, verify_rate=16.0)
     assert rec["idle_frac"]["learner"] == 0.5 and rec["learner_busy_s"] == 2.0
+
+
+def test_configurations_sweep_generators_streaming_and_windows():
+    runs = e2e.configurations([1, 2], [True], [16, 96])
+    assert [r[3] for r in runs] == ["gen=1,stream=on,chunk=16", "gen=1,stream=on,chunk=96",
+                                    "gen=2,stream=on,chunk=16", "gen=2,stream=on,chunk=96"]
+    assert e2e.configurations([3], [True, False], []) == [(3, True, 0, "gen=3,stream=on"),
+                                                         (3, False, 0, "gen=3,stream=off")]  # the config's window

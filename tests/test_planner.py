@@ -3,8 +3,9 @@ import json
 
 import pytest
 
-from npr_async.planner import (VERIFIER_TOLERANCE, Layout, Rates, Workload, broadcast_seconds, compare, predict,
-                               rates_from_run, recommend, verifier_workers_for)
+from npr_async.planner import (VERIFIER_TOLERANCE, Layout, Rates, Workload, broadcast_seconds, compare,
+                               fit_gen_curve, predict, rates_from_run, recommend, run_in_flight,
+                               verifier_workers_for)
 
 # 1 s broadcasts, no hop latency, a flat generator rate: every number below is worked out by hand
 RATES = Rates(gen_tokens_per_s=1000, learner_tokens_per_s=2000, verdicts_per_s=100, tokens_per_sample=100,
@@ -138,6 +139,39 @@ def test_rates_and_compare_from_a_bench_json():
     (row,) = compare([(doc, run)], rates)
     assert row["predicted"]["step_s"] == pytest.approx(1.88)
     assert row["error"] == pytest.approx(1.88 / 2.0 - 1)
+
+
+def test_generator_curve_fitted_from_runs_at_several_windows(tmp_path, capsys):
+    """fit_gen_curve recovers peak · b / (b + h) from its points; needs two windows and a rising rate; the plan
+    command fits it from bench runs at several `chunk_samples` and predicts each run's rollout with it."""
+    peak, h = 30000.0, 25.0
+    curve = lambda b: peak * b / (b + h)  # noqa: E731
+    assert fit_gen_curve([(b, curve(b)) for b in (16, 32, 48, 96, 96)]) == pytest.approx((peak, h))
+    assert fit_gen_curve([(16, 9000.0), (16, 9100.0)]) is None  # one window: no curve
+    assert fit_gen_curve([(16, 9000.0), (96, 8000.0)]) is None  # slower with more in flight: no such curve
+
+    def run(chunk):
+        return {"label": f"gen=1,stream=on,chunk={chunk}", "generators": 1, "streaming": True,
+                "config": {"prompts_per_step": 12, "samples_per_prompt": 8, "chunk_samples": chunk,
+                           "learner_gpus": 1, "verifier_workers": 4},
+                "mean": {"gen_tokens_per_s": curve(min(chunk, 96)), "learner_tokens_per_s": 1e9,
+                         "tokens_per_sample": 500, "weight_sync_s": 0.01, "step_s": 96 * 500 / curve(min(chunk, 96)),
+                         "rollout_s": 96 * 500 / curve(min(chunk, 96)), "learner_tail_s": 0.0,
+                         "learner_idle": 0.5, "rollout_idle": 0.0}}
+    runs = [run(c) for c in (16, 48, 200)]
+    assert [run_in_flight(r) for r in runs] == [16, 48, 96]  # a window wider than the shard: the shard
+    path = tmp_path / "e2e.json"
+    path.write_text(json.dumps({"meta": {"weight_bytes": 1e9}, "verifier": {"verdicts_per_s_per_worker": 1e6},
+                                "runs": runs}))
+    from npr_async.cli import main
+
+    out = tmp_path / "plan.json"
+    assert main(["plan", "--measured", str(path), "--gpus", "2", "--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["gen_curve_fit"]["half_batch"] == pytest.approx(h) and res["rates"]["gen_half_batch"] == pytest.approx(h)
+    for row in res["validation"]:  # calibrated on the first run, the curve predicts the others' rollouts
+        assert row["predicted"]["rollout_s"] == pytest.approx(row["measured"]["rollout_s"], rel=1e-6)
+    assert "half of it at 25.0 samples" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("layout", [Layout(3, 1, 4), Layout(26, 36, 386)])

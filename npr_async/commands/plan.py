@@ -75,7 +75,8 @@ def pick_calibration(measured: list[tuple[dict, dict]], spec: str | None) -> tup
 
 
 def run(args) -> int:
-    from npr_async.planner import Rates, Workload, compare, rates_from_run, recommend, run_workload
+    from npr_async.planner import (Rates, Workload, compare, fit_gen_curve, rates_from_run, recommend,
+                                   run_in_flight, run_workload)
 
     given = {k: getattr(args, k) for k in RATE_FLAGS if getattr(args, k) is not None}
     if args.sync_algo:
@@ -84,6 +85,12 @@ def run(args) -> int:
     result: dict = {}
     if measured:
         doc, calib = pick_calibration(measured, args.calibrate_from)
+        curve = fit_gen_curve([(run_in_flight(r), r["mean"]["gen_tokens_per_s"]) for _, r in measured])
+        if curve is not None and "gen_half_batch" not in given:  # runs at several windows: the rate curve
+            given["gen_half_batch"] = curve[1]
+            result["gen_curve_fit"] = {"peak_tokens_per_s": curve[0], "half_batch": curve[1]}
+            print(f"generator rate fitted over the runs' windows: peak {curve[0]:.0f} tok/s, half of it at "
+                  f"{curve[1]:.1f} samples in flight")
         rates = rates_from_run(doc, calib, **given)
         work = run_workload(calib)
         result["calibrated_from"] = f"{doc['_path']}:{calib['label']}"
@@ -119,12 +126,12 @@ def run(args) -> int:
 
 def print_validation(rows: list[dict], calibrated_from: str) -> None:
     print(f"\nPredicted vs measured (rates from {calibrated_from})")
-    print(f"{'run':<22} {'gen':>3} {'lrn':>3} {'ver':>3} | {'step s':>15} | {'rollout s':>15} | "
+    print(f"{'run':<29} {'gen':>3} {'lrn':>3} {'ver':>3} | {'step s':>15} | {'rollout s':>15} | "
           f"{'learner tail s':>15} | {'sync s':>15} | {'err':>6}")
     for r in rows:
         m, p, lay = r["measured"], r["predicted"], r["layout"]
         cell = lambda k: f"{m[k]:7.3f}/{p[k]:<7.3f}"  # noqa: E731
-        print(f"{r['run']:<22} {lay['generators']:>3} {lay['learner_gpus']:>3} {lay['verifier_workers']:>3} | "
+        print(f"{r['run']:<29} {lay['generators']:>3} {lay['learner_gpus']:>3} {lay['verifier_workers']:>3} | "
               f"{cell('step_s')} | {cell('rollout_s')} | {cell('learner_tail_s')} | {cell('weight_sync_s')} | "
               f"{r['error'] * 100:+5.0f}%")
     print("(each cell: measured/predicted)")
