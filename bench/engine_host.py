@@ -6,6 +6,7 @@ sampler's kernel launches, the NPR state machine) on top of the forward's GPU ti
     schedule   Scheduler.schedule (retire, admit, plan, allocate KV, context slots)
     forward    model forward + logits (the tiny model's CPU compute; stands in for the graph replay)
     sample     the sampler (penalty, filters, draw, logprob) incl. building its per-row tensors
+    wait       the step's read-back of the drawn tokens: on a GPU, the host waiting for the device
     state      Request.on_sampled (the NPR state machine)
     build      the rest of LLM._step: ids / positions / contexts / attention metadata
 and counts the torch ops each phase issues per step (each is a kernel launch, ~5-10 us of host time, on
@@ -114,9 +115,9 @@ def instrument(model) -> Phases:
     ph.wrap(model, "compute_logits", "forward")
     ph.wrap(Request, "on_sampled", "state")
     ph.wrap(llm_mod, "sample", "sample")  # the engine's sampler, before (a function) and after (a class)
-    if hasattr(llm_mod, "BatchSampler"):  # launch + collect (the step's sync) where the loop splits them
+    if hasattr(llm_mod, "BatchSampler"):  # launch, and collect (the step's sync: the host waits for the GPU)
         for name in ("launch", "collect") if hasattr(llm_mod.BatchSampler, "launch") else ("__call__",):
-            ph.wrap(llm_mod.BatchSampler, name, "sample")
+            ph.wrap(llm_mod.BatchSampler, name, "wait" if name == "collect" else "sample")
     return ph
 
 
@@ -187,6 +188,7 @@ def run_case(model, tok, r, k, args, ph: Phases, profile: bool):
     phases = {k: 1e3 * v / steps for k, v in ph.t.items()}
     res = dict(device=args.device, graphs=llm.last_stats.get("graph_steps", 0), requests=r, k=k, vocab=model.args.vocab_size, steps=steps, tokens=tokens, wall_s=wall,
                ms_per_step=1e3 * wall / steps, ms_per_step_no_forward=1e3 * wall / steps - phases.get("forward", 0),
+               ms_per_step_host=1e3 * wall / steps - phases.get("forward", 0) - phases.get("wait", 0),
                phase_ms_per_step=phases, finish={f: sum(t.finish_reason == f for t in trajs)
                                                  for f in {t.finish_reason for t in trajs}})
     if args.count_ops:  # a second run under a dispatch mode (slow): torch ops per step per phase
@@ -252,7 +254,8 @@ def main(argv=None) -> int:
                 out.append(res)
                 ms = " ".join(f"{n}={v:.2f}" for n, v in sorted(res["phase_ms_per_step"].items()))
                 print(f"V={vocab} {r}x{k}: {res['steps']} steps ({res['graphs']} in graphs), {res['tokens']} tokens, "
-                      f"{res['ms_per_step']:.2f} ms/step ({res['ms_per_step_no_forward']:.2f} without forward) "
+                      f"{res['ms_per_step']:.2f} ms/step ({res['ms_per_step_no_forward']:.2f} without forward, "
+                      f"{res['ms_per_step_host']:.2f} host work without the wait for the GPU) "
                       f"| {ms} | finish {res['finish']}", flush=True)
                 if "ops_per_step" in res:
                     print(f"  torch ops/step: {res['ops_per_step']}", flush=True)
