@@ -11,6 +11,7 @@ Pure arithmetic, no torch: `predict` models one layout, `recommend` searches the
 from __future__ import annotations
 
 import math
+import statistics
 from dataclasses import asdict, dataclass, field, replace
 
 # A recommended layout keeps the fewest verifier workers that stay within this fraction of the step with every
@@ -228,15 +229,9 @@ def fit_gen_curve(points: list[tuple[float, float]]) -> tuple[float, float] | No
     """(peak tokens/s, half batch h) of `rate = peak · b / (b + h)` through (samples in flight b, tokens/s)
     points, by least squares on 1/rate = 1/peak + (h/peak) · 1/b; None with fewer than two distinct b, or
     when the points do not rise with b (no such curve)."""
-    xs = sorted({b for b, _ in points})
-    if len(xs) < 2:
+    if len({b for b, _ in points}) < 2:
         return None
-    n = len(points)
-    u = [1 / b for b, _ in points]
-    v = [1 / r for _, r in points]
-    mu, mv = sum(u) / n, sum(v) / n
-    slope = sum((a - mu) * (c - mv) for a, c in zip(u, v)) / sum((a - mu) ** 2 for a in u)
-    intercept = mv - slope * mu
+    slope, intercept = statistics.linear_regression([1 / b for b, _ in points], [1 / r for _, r in points])
     if slope <= 0 or intercept <= 0:
         return None
     return 1 / intercept, slope / intercept
