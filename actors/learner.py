@@ -12,7 +12,6 @@ import msgspec
 import torch
 
 from npr_async.config import Config
-from npr_async.training.busy_clock import BusyClock
 
 
 class Learner:
@@ -114,7 +113,6 @@ class Learner:
         stats = RolloutStats()
         # several ranks step in rounds, so a rank waiting here holds the others' next backward: poll briefly
         poll = 2.0 if self.world_size == 1 else 0.2
-        busy = BusyClock(self.trainer.device)  # the device's time on the step's work, run on while we wait
         while True:
             w0 = time.perf_counter()
             if w0 > deadline:
@@ -135,18 +133,15 @@ class Learner:
             if not self.cfg.learner.streaming:
                 held += groups
             elif self.world_size > 1:  # a round in step with the other ranks (each brings what it took)
-                with busy:
-                    done = not self.trainer.accumulate_round(groups, more=not done)
+                done = not self.trainer.accumulate_round(groups, more=not done)
             else:
-                with busy:
-                    for trajs, rewards in groups:
-                        self.trainer.accumulate(trajs, rewards)
+                for trajs, rewards in groups:
+                    self.trainer.accumulate(trajs, rewards)
             computed += time.perf_counter() - c0
             if done:
                 break
         c0 = time.perf_counter()
-        with busy:
-            metrics = self.trainer.finish_step() if self.cfg.learner.streaming else self.trainer.train_step(held)
+        metrics = self.trainer.finish_step() if self.cfg.learner.streaming else self.trainer.train_step(held)
         computed += time.perf_counter() - c0
         if self.world_size > 1:  # the step's samples over every rank (each took its own groups)
             import torch.distributed as dist
@@ -156,8 +151,7 @@ class Learner:
             stats, seen = RolloutStats.merged(p[0] for p in parts), sum(p[1] for p in parts)
         metrics.update(stats.summary())
         metrics.update(groups_in=seen, learner_wait_s=waited, learner_compute_s=computed,
-                       learner_busy_s=busy.seconds(), learner_s=time.perf_counter() - t0,
-                       learner_ranks=self.world_size)
+                       learner_s=time.perf_counter() - t0, learner_ranks=self.world_size)
         return metrics
 
     def _group(self, group) -> tuple[list, list[float]]:

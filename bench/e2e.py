@@ -3,8 +3,8 @@
 For each rollout-generator count (scaling by actor count) and streaming on/off it builds a fresh `Cluster`,
 runs `--warmup` untimed steps and `--steps` timed ones through `controller.run_step`, and reports per step:
 rollout (busiest generator, and each generator's own generate time), verification (CPU seconds at the
-pool's measured rate), learner wait vs busy time and its tail after the rollouts, weight sync, idle time per
-GPU (learner: step − its device's busy time; generator: step − its generate time), tokens/s, and each
+pool's measured rate), learner wait vs compute and its tail after the rollouts, weight sync, idle time per
+GPU (learner: step − its compute; generator: step − its generate time), tokens/s, and each
 generator's engine loop: engine calls (one per request, `rollout.chunk_samples` samples decoding at once),
 forwards, how many replayed a CUDA graph or ran a step ahead, and milliseconds per forward (`engine` in the
 JSON, a line per generator). JSON to --out (rewritten after every configuration, so a cut-off run keeps what
@@ -163,7 +163,7 @@ def step_record(step: int, m: dict, reports: list, verify_rate: float) -> dict:
                 e[k] = e.get(k, 0.0) + v
     step_s = m["step_s"]
     rec = {k: m.get(k) for k in ("step_s", "rollout_s", "weight_sync_s", "learner_wait_s", "learner_compute_s",
-                                 "learner_busy_s", "learner_s", "rollout_tokens", "tokens_per_s", "samples", "mean_tokens",
+                                 "learner_s", "rollout_tokens", "tokens_per_s", "samples", "mean_tokens",
                                  "parallel_trigger_rate", "branches_per_fork", "accuracy", "format_ok",
                                  "stale_dropped", "rollout_restarts", "loss")}
     rec.update(step=step, gen_s={a: g[0] for a, g in sorted(gens.items())},
@@ -172,17 +172,10 @@ def step_record(step: int, m: dict, reports: list, verify_rate: float) -> dict:
                verify_cpu_s=(m.get("samples") or 0) / verify_rate,
                engine={a: {**e, "ms_per_forward": 1e3 * e["engine_s"] / e["forwards"] if e.get("forwards") else None}
                        for a, e in sorted(engine.items())})
-    rec["idle_s"] = {"learner": step_s - learner_busy(m),
+    rec["idle_s"] = {"learner": step_s - m["learner_compute_s"],
                      **{a: step_s - g[0] for a, g in sorted(gens.items())}}
     rec["idle_frac"] = {k: v / step_s for k, v in rec["idle_s"].items()}
     return rec
-
-
-def learner_busy(m: dict) -> float:
-    """The learner's seconds on the step's work: its device's busy time (CUDA events, `learner_busy_s`), or in
-    records without it the host time of its calls, which misses the GPU work that runs on while it waits."""
-    busy = m.get("learner_busy_s")
-    return m["learner_compute_s"] if busy is None else busy
 
 
 def summarise(steps: list[dict]) -> dict:
@@ -194,8 +187,8 @@ def summarise(steps: list[dict]) -> dict:
     tokens = sum(s["rollout_tokens"] for s in steps)
     out = {k: mean(k) for k in ("step_s", "rollout_s", "weight_sync_s", "learner_wait_s", "learner_compute_s",
                                 "learner_s", "learner_tail_s", "verify_cpu_s", "tokens_per_s")}
-    out.update(learner_busy_s=sum(map(learner_busy, steps)) / len(steps), gen_tokens_per_s=gen_tok / gen_s,
-               learner_tokens_per_s=tokens / max(sum(map(learner_busy, steps)), 1e-9),
+    out.update(gen_tokens_per_s=gen_tok / gen_s,
+               learner_tokens_per_s=tokens / max(sum(s["learner_compute_s"] for s in steps), 1e-9),
                tokens_per_sample=tokens / max(sum(s["samples"] or 0 for s in steps), 1),
                learner_idle=mean("idle_frac_learner"), rollout_idle=mean("idle_frac_rollout_min"),  # busiest
                rollout_idle_max=mean("idle_frac_rollout_max"),
@@ -268,19 +261,18 @@ def run_config(args, base_overrides: list[str], n_gen: int, streaming: bool, chu
 
 
 def print_table(runs: list[dict]) -> None:
-    print(f"\n{'run':<29} {'step s':>7} {'rollout':>8} {'verify*':>8} {'l.wait':>7} {'l.busy':>7} {'l.tail':>7} "
+    print(f"\n{'run':<29} {'step s':>7} {'rollout':>8} {'verify*':>8} {'l.wait':>7} {'l.comp':>7} {'l.tail':>7} "
           f"{'sync':>6} {'tok/s':>8} {'gen tok/s':>9} {'idle lrn':>8} {'idle gen':>8}")
     for run in runs:
         m = run["mean"]
         if not m:
             continue
         print(f"{run['label']:<29} {m['step_s']:7.2f} {m['rollout_s']:8.2f} {m['verify_cpu_s']:8.2f} "
-              f"{m['learner_wait_s']:7.2f} {m['learner_busy_s']:7.2f} {m['learner_tail_s']:7.2f} "
+              f"{m['learner_wait_s']:7.2f} {m['learner_compute_s']:7.2f} {m['learner_tail_s']:7.2f} "
               f"{m['weight_sync_s']:6.3f} {m['tokens_per_s']:8.0f} {m['gen_tokens_per_s']:9.0f} "
               f"{m['learner_idle'] * 100:7.0f}% {m['rollout_idle_max'] * 100:7.0f}%")
     print("(means over the timed steps; verify* = the step's verdicts at the pool's measured rate, CPU seconds;\n"
-          " l.busy = the learner device's time on the step's work; idle gen = the most idle generator;\n"
-          " l.tail = learner time after the last rollout finished)")
+          " idle gen = the most idle generator; l.tail = learner time after the last rollout finished)")
 
 
 def environment() -> dict:

@@ -71,7 +71,6 @@ def test_on_policy_steps_checkpoint_and_resume(sft_model, tmp_path):
         assert m["samples"] == P * G and m["groups_in"] == P
         assert m["stale_dropped"] == 0 and m["transport_lost"] == 0
         assert m["sequences"] > 0 and math.isfinite(m["loss"]) and math.isfinite(m["grad_norm"])
-        assert 0 < m["learner_busy_s"] <= m["learner_compute_s"] + 1e-6  # on the CPU: spans of the host's calls
     state = RunState(**json.loads((run / "state.json").read_text()))
     assert state.phase == "rl" and state.rl_step == 2
     assert (run / "checkpoints" / "step_000002" / "model.safetensors").is_file()
