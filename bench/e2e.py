@@ -51,7 +51,8 @@ def parse_args(argv):
     p.add_argument("--config", default=str(ROOT / "configs" / "tiny_cpu.yaml"))
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--steps", type=int, default=3, help="timed steps per configuration")
-    p.add_argument("--warmup", type=int, default=1, help="untimed steps first (allocation, compilation)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps first (allocation, compilation; the "
+                   "learner recompiled at new micro-batch shapes in the first step after one warm-up step)")
     p.add_argument("--generators", default="", help="rollout generator counts, e.g. 1,2,3 (default: the config's)")
     p.add_argument("--streaming", default="on,off", help="learner.streaming values: on,off | on | off")
     p.add_argument("--chunks", default="", help="rollout.chunk_samples values (samples decoding at once per "
