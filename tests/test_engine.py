@@ -223,6 +223,9 @@ def test_200_requests_on_a_small_pool_complete_through_preemption(tiny):
         check_structure(eng, t, req)
     eng.kv.check([])
     assert eng.kv.num_free == 700
+    windowed = eng.generate(prompts, p, max_running=60)  # a window wider than the pool holds: still preempts
+    assert eng.last_stats["preemptions"] > 0 and eng.kv.num_free == 700
+    assert all(np.array_equal(a.ids(), b.ids()) for a, b in zip(trajs, windowed))
     # preempted-and-recomputed requests sample exactly what they sample alone (same seed)
     alone = eng.generate(prompts[:3] + prompts[-2:], p)
     for a, b in zip(alone, trajs[:3] + trajs[-2:]):
