@@ -61,6 +61,10 @@ class Workload:
     def samples(self) -> int:
         return self.prompts_per_step * self.samples_per_prompt
 
+    def shard(self, generators: int) -> int:
+        """Samples of the busiest generator (prompts are sharded whole)."""
+        return math.ceil(self.prompts_per_step / generators) * self.samples_per_prompt
+
 
 @dataclass(frozen=True)
 class Layout:
@@ -113,7 +117,7 @@ def predict(rates: Rates, work: Workload, layout: Layout, gpus_per_node: int = 8
     if n_g < 1 or layout.learner_gpus < 1 or layout.verifier_workers < 1:
         raise ValueError(f"a layout needs ≥ 1 of each actor, got {layout}")
     active = min(n_g, work.prompts_per_step)  # shards are whole prompts: extra generators have nothing to do
-    per_gen = math.ceil(work.prompts_per_step / n_g) * work.samples_per_prompt  # the busiest shard
+    per_gen = work.shard(n_g)
     first_wave = min(work.chunk_samples, per_gen)
     last_wave = per_gen - work.chunk_samples * (math.ceil(per_gen / work.chunk_samples) - 1)
     rate = rates.gen_rate(first_wave)
@@ -220,9 +224,8 @@ def rates_from_run(doc: dict, run: dict, **overrides) -> Rates:
 
 def run_in_flight(run: dict) -> int:
     """Samples decoding at once on each generator of a measured run (its window, or all of a smaller shard)."""
-    c = run["config"]
-    per_gen = math.ceil(c["prompts_per_step"] / run["generators"]) * c["samples_per_prompt"]
-    return min(c["chunk_samples"], per_gen)
+    work = run_workload(run)
+    return min(work.chunk_samples, work.shard(run["generators"]))
 
 
 def fit_gen_curve(points: list[tuple[float, float]]) -> tuple[float, float] | None:
