@@ -8,6 +8,13 @@ weight copies to exceed L2 (>= 512 MB streamed per replay), so the time is HBM t
 table sums one decode step's GEMMs (q/k/v, o, gate/up, down per layer, and the LM head) for cuBLAS, for the
 engine's default config and for the best config of the sweep (per product), so the default can be chosen
 from the same numbers.
+
+`--chain V1,V2,...` also times one decode step's GEMMs as the engine runs them: per layer q/k/v -> o (on the q
+columns) -> gate/up with SwiGLU -> down, each product's input the previous one's output, 36 layers of distinct
+weights, then the LM head, in one CUDA graph. That is where launch ramps and tails show, which the per-product
+sweep (one product repeated) hides. Variants: `cublas` (F.linear everywhere), `engine` (the engine's routing),
+`triton` (the skinny kernel for every product), with `+tma` / `+pdl` / `+bnN` (block_n) / `+stS` (stages)
+appended, e.g. `triton+tma+pdl+bn128`. Every variant's final output is compared with the first one's.
 """
 from __future__ import annotations
 
@@ -53,6 +60,66 @@ def graph_ms(fn, replays: int = 20) -> float:
     return start.elapsed_time(end) / replays
 
 
+def chain_product(variant: str):
+    """(x, w, gated) -> y for one `--chain` variant."""
+    from engine import decode_linear as dl, triton_gemm
+
+    parts = variant.split("+")
+    tune = {"tma": "tma" in parts, "pdl": "pdl" in parts}
+    for p in parts[1:]:
+        if p.startswith("bn"):
+            tune["block_n"] = int(p[2:])
+        elif p.startswith("st"):
+            tune["num_stages"] = int(p[2:])
+        elif p not in ("tma", "pdl"):
+            raise SystemExit(f"--chain {variant}: unknown part {p!r}")
+    if parts[0] == "cublas":
+        return lambda x, w, gated: triton_gemm.silu_mul(F.linear(x, w)) if gated else F.linear(x, w)
+    if parts[0] == "engine":
+        return lambda x, w, gated: dl.decode_swiglu(x, w) if gated else dl.decode_linear(x, w)
+    if parts[0] == "triton":
+        return lambda x, w, gated: skinny_linear(x, w, gated=gated, **tune)
+    raise SystemExit(f"--chain {variant}: starts with cublas, engine or triton")
+
+
+def chain(shape: str, rows: list[int], variants: list[str], copy_bw: float) -> list[dict]:
+    """One decode step's GEMMs chained layer by layer (module docstring), per row count and variant."""
+    dev, dtype = torch.device("cuda"), torch.bfloat16
+    prods = SHAPES[shape]
+    layers = prods["qkv"][2]
+    q_cols = prods["o"][1]
+    # 1/sqrt(K) keeps each product's output O(1); down's 1.7 makes up for SwiGLU's shrinking (E[silu(g)^2 u^2]
+    # ~ 0.36 for standard normal g, u), so 36 layers neither vanish nor overflow without a norm kernel between
+    gain = {"down": 1.7}
+    weights = [{name: torch.randn(n, k, device=dev, dtype=dtype) * (gain.get(name, 1.0) / k ** 0.5)
+                for name, (n, k, _) in prods.items() if name != "lm_head"} for _ in range(layers)]
+    head = torch.randn(prods["lm_head"][0], prods["lm_head"][1], device=dev, dtype=dtype) / prods["lm_head"][1] ** 0.5
+    out = []
+    for m in rows:
+        x0 = torch.randn(m, prods["qkv"][1], device=dev, dtype=dtype)
+        nbytes = sum(times * n * k * 2 for n, k, times in prods.values())
+        first = None
+        for v in variants:
+            gemm = chain_product(v)
+
+            def step():
+                h = x0
+                for w in weights:
+                    a = gemm(h, w["qkv"], False)
+                    h = gemm(gemm(gemm(a[:, :q_cols], w["o"], False), w["gate_up"], True), w["down"], False)
+                return gemm(h, head, False)
+
+            ms = graph_ms(step, replays=10)
+            y = step().float()
+            first = y if first is None else first
+            row = {"rows": m, "variant": v, "ms": ms, "frac": nbytes / (ms * 1e-3) / copy_bw,
+                   "max_diff_vs_first": (y - first).abs().max().item(), "ref_max": first.abs().max().item()}
+            out.append(row)
+            print(f"chain M={m:4d} {v:28s} {ms:.3f} ms  {row['frac']:.1%} of copy BW  "
+                  f"max |diff| vs {variants[0]} {row['max_diff_vs_first']:.3g} (of {row['ref_max']:.3g})", flush=True)
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shape", default="qwen3-4b", choices=sorted(SHAPES))
@@ -68,15 +135,24 @@ def main() -> int:
     ap.add_argument("--inductor", type=int, default=0, help="1: also time Inductor's max-autotune GEMM (its Triton "
                     "templates vs cuBLAS, picked per shape) as a third column")
     ap.add_argument("--lt", type=int, default=0, help="1: also time F.linear through cuBLASLt (a column of its own)")
+    ap.add_argument("--tma", default="0", help="0,1: sweep the tensor-descriptor loads")
+    ap.add_argument("--pdl", default="0", help="0,1: sweep the programmatic dependent launch")
+    ap.add_argument("--chain", default="", help="variants of the chained step (module docstring), e.g. "
+                    "cublas,engine,triton,triton+pdl,triton+tma+pdl")
     ap.add_argument("--out", required=True)
     a = ap.parse_args()
     dev, dtype = torch.device("cuda"), torch.bfloat16
     ints = lambda s: [int(v) for v in s.split(",") if v]  # noqa: E731
     grid = list(itertools.product(*(ints(v) for v in (a.block_n, a.block_k, a.waves, a.stages, a.warps, a.block_m,
-                                                                    a.splits))))
+                                                                    a.splits, a.tma, a.pdl))))
     res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "shape": a.shape,
            "copy_bw": copy_bandwidth(), "cases": []}
     print(f"{res['device']} copy {res['copy_bw'] / 1e12:.2f} TB/s, {len(grid)} configs", flush=True)
+    if a.chain:
+        res["chain"] = chain(a.shape, ints(a.rows), a.chain.split(","), res["copy_bw"])
+        Path(a.out).write_text(json.dumps(res, indent=1))
+        if a.products == "none":
+            return 0
     steps = {}
     for name, (n, k, times) in SHAPES[a.shape].items():
         if a.products and name not in a.products.split(","):
@@ -101,9 +177,9 @@ def main() -> int:
             case["default_ms"] = graph_ms(lambda: [skinny_linear(x, w) for w in ws]) / copies
             err = (skinny_linear(x, ws[0]).float() - ref).abs().max().item()
             case["default_err"] = err
-            for bn, bk, wv, st, wp, bm, sp in grid:
+            for bn, bk, wv, st, wp, bm, sp, tma, pdl in grid:
                 tune = dict(block_n=bn, block_k=bk, waves=wv, num_stages=st, num_warps=wp, block_m=bm or None,
-                            splits=sp or None)
+                            splits=sp or None, tma=bool(tma), pdl=bool(pdl))
                 try:
                     e = (skinny_linear(x, ws[0], **tune).float() - ref).abs().max().item()
                     ms = graph_ms(lambda: [skinny_linear(x, w, **tune) for w in ws]) / copies
