@@ -10,12 +10,6 @@ deterministic (never a floating-point atomic) and independent of the run.
 With `gated=True` the product is the fused gate/up one and the epilogue applies SwiGLU (silu(gate) * up).
 The config is a pure function of (M, N, K) and the SM count, so launches are CUDA-graph capturable.
 Tuned with bench/gemm.py (see `config`).
-
-Two Hopper options, off by default until measured (bench/gemm.py `--tma`, `--chain`): `tma` loads the weight and
-x tiles through tensor descriptors (the copy engine, not one load instruction per thread; rows past M and columns
-past K arrive as zeros), and `pdl` makes the launch a programmatic dependent one: the kernel may start while the
-previous kernel on the stream still runs, warms L2 with the first weight blocks of its program (weights do not
-depend on the previous kernel), and only then waits for the previous kernel's results (`griddepcontrol.wait`).
 """
 from __future__ import annotations
 
@@ -24,11 +18,6 @@ import functools
 import torch
 import triton
 import triton.language as tl
-
-try:  # Triton >= 3.4; older Triton runs the pointer-load path only
-    from triton.tools.tensor_descriptor import TensorDescriptor
-except ImportError:  # pragma: no cover
-    TensorDescriptor = None
 
 # Row counts up to which engine/decode_linear.py uses this kernel: on an H200 it beat cuBLAS at 1 and 16 rows
 # on every product; at 64 rows only on the wide ones (gate/up 28.7 vs 31.3 us, LM head 191 vs 198 us; q/k/v,
@@ -45,17 +34,8 @@ def takes(m: int, n: int) -> bool:
 
 
 @triton.jit
-def _prefetch_l2(ptrs):
-    """Ask L2 for the 128-byte lines at `ptrs` (no registers filled, nothing waited for)."""
-    return tl.inline_asm_elementwise("prefetch.global.L2 [$1]; mov.u32 $0, 0;", "=r,l", [ptrs], dtype=tl.int32,
-                                     is_pure=False, pack=1)
-
-
-@triton.jit
-def _skinny_kernel(x_ptr, w_ptr, x_desc, w_desc, b_ptr, y_ptr, part_ptr, lock_ptr, M, N, K, k_span, splits, stride_xm,
-                   stride_wn, up_off,
+def _skinny_kernel(x_ptr, w_ptr, b_ptr, y_ptr, part_ptr, lock_ptr, M, N, K, k_span, splits, stride_xm, stride_wn, up_off,
                    SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN: tl.constexpr, GATED: tl.constexpr,
-                   TMA: tl.constexpr, PDL: tl.constexpr, PREFETCH_K: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     # GATED (SwiGLU): w is [2N, K], gate rows then up rows; each program also takes the up tile of its gate
     # columns (rows N + rn) and writes silu(gate) * up: the gate/up product's output never leaves the kernel
@@ -68,29 +48,12 @@ def _skinny_kernel(x_ptr, w_ptr, x_desc, w_desc, b_ptr, y_ptr, part_ptr, lock_pt
     rk = tl.arange(0, BLOCK_K)
     k_lo = pid_k * k_span  # a whole number of BLOCK_K; the last split may be shorter
     k_hi = tl.minimum(k_lo + k_span, K)
-    if PDL:
-        # Launched while the previous kernel may still run: start this program's weight stream (the first
-        # PREFETCH_K columns of its rows, 64 elements = one 128-byte line apart) and let the next kernel launch,
-        # then wait for the previous kernel's writes before touching x, y, the partials or the counters. Every
-        # program waits, so this kernel ends after the previous one (the chain stays ordered).
-        rows = tl.minimum(rn, N - 1)[:, None].to(tl.int64) * stride_wn
-        lines = tl.minimum(k_lo + tl.arange(0, PREFETCH_K // 64) * 64, K - 1)[None, :]
-        _prefetch_l2(w_ptr + rows + lines)
-        if GATED:
-            _prefetch_l2(w_ptr + up_off + rows + lines)
-        tl.extra.cuda.gdc_launch_dependents()
-        tl.extra.cuda.gdc_wait()
     x_ptrs = x_ptr + rm[:, None] * stride_xm + (k_lo + rk)[None, :]
     w_ptrs = w_ptr + rn[:, None].to(tl.int64) * stride_wn + (k_lo + rk)[None, :]
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
     acc_up = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
     for k in range(k_lo, k_hi, BLOCK_K):
-        if TMA:  # descriptors: out-of-range rows and columns arrive as zeros
-            w = w_desc.load([pid_n * BLOCK_N, k])
-            if GATED:  # a last gate tile past N reads up rows: their columns are masked off at the store
-                u = w_desc.load([N + pid_n * BLOCK_N, k])
-            x = x_desc.load([pid_m * BLOCK_M, k])
-        elif EVEN:  # N % BLOCK_N == 0 and K % BLOCK_K == 0: unmasked weight loads
+        if EVEN:  # N % BLOCK_N == 0 and K % BLOCK_K == 0: unmasked weight loads
             w = tl.load(w_ptrs)
             if GATED:
                 u = tl.load(w_ptrs + up_off)
@@ -104,9 +67,8 @@ def _skinny_kernel(x_ptr, w_ptr, x_desc, w_desc, b_ptr, y_ptr, part_ptr, lock_pt
         acc = tl.dot(x, tl.trans(w), acc)
         if GATED:
             acc_up = tl.dot(x, tl.trans(u), acc_up)
-        if not TMA:
-            x_ptrs += BLOCK_K
-            w_ptrs += BLOCK_K
+        x_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K
     mask = (rm[:, None] < M) & (rn[None, :] < N)
     tile = rm[:, None] * N + rn[None, :]
     if SPLIT:
@@ -164,7 +126,7 @@ def _sm_count(device_index: int) -> int:
 
 def config(m: int, n: int, k: int, sms: int, block_n: int | None = None, block_k: int | None = None,
            waves: int = 2, num_warps: int = 4, num_stages: int | None = None, block_m: int | None = None,
-           splits: int | None = None, tma: bool = False, pdl: bool = False, prefetch_k: int = 256) -> dict:
+           splits: int | None = None) -> dict:
     """Launch config of one product, from bench/gemm.py on an H200 (Qwen3-4B and 0.6B projections).
     block_m: rows padded to the tl.dot minimum of 16 (x is tiny: the padding costs no HBM traffic), at most 64
     (more rows are row blocks that re-read the weights, mostly from L2; bench/gemm.py sweeps larger blocks).
@@ -172,9 +134,7 @@ def config(m: int, n: int, k: int, sms: int, block_n: int | None = None, block_k
     (wide products only, `takes`) 64 x 64 with 4 stages, and 128 x 64 with 3 for the LM head.
     splits (K splits per tile, any count; each a whole number of BLOCK_K steps): the fewest powers of two that give
     `waves` tiles per SM, keeping at least two BLOCK_K steps per split for the pipeline to overlap; an
-    explicit `splits` overrides (bench/gemm.py sweeps it). Returned as the count of non-empty splits.
-    tma, pdl: the Hopper options of the module docstring; prefetch_k: K elements of each weight row a `pdl`
-    program prefetches before it waits (a power of two times 64)."""
+    explicit `splits` overrides (bench/gemm.py sweeps it). Returned as the count of non-empty splits."""
     block_m = block_m or (16 if m <= 16 else 32 if m <= 32 else 64)
     if m <= 16:
         block_n, block_k, num_stages = block_n or (64 if m == 1 else 32), block_k or 128, num_stages or 3
@@ -187,10 +147,8 @@ def config(m: int, n: int, k: int, sms: int, block_n: int | None = None, block_k
         while tiles * splits < waves * sms and k // (2 * splits * block_k) >= 2:
             splits *= 2
     splits = triton.cdiv(k, split_span(k, splits, block_k))
-    if prefetch_k < 64 or prefetch_k & (prefetch_k - 1):
-        raise ValueError(f"prefetch_k {prefetch_k}: a power of two, at least 64 (one 128-byte line of bf16)")
     return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, splits=splits, num_warps=num_warps,
-                num_stages=num_stages, TMA=tma, PDL=pdl, PREFETCH_K=prefetch_k)
+                num_stages=num_stages)
 
 
 def split_span(k: int, splits: int, block_k: int) -> int:
@@ -210,9 +168,6 @@ def skinny_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = 
                          + (" (gated: an even number of rows)" if gated else ""))
     if x.stride(1) != 1:
         x = x.contiguous()
-    if tune.get("tma") and ((x.stride(0) * x.element_size()) % 16 or (w.stride(0) * w.element_size()) % 16):
-        raise ValueError(f"skinny_linear(tma=True): row strides of x {tuple(x.stride())} and w {tuple(w.stride())} "
-                         f"must be multiples of 16 bytes (tensor descriptors)")
     c = config(m, n, k, _sm_count(x.device.index or 0), **tune)
     bm, bn, bk, splits = c.pop("BLOCK_M"), c.pop("BLOCK_N"), c.pop("BLOCK_K"), c.pop("splits")
     if gated:  # a program takes a gate tile and its up tile: half the columns, the same weight bytes
@@ -223,15 +178,9 @@ def skinny_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = 
     y = torch.empty(m, n, device=x.device, dtype=x.dtype)
     part = torch.empty((1 + gated) * splits, m, n, device=x.device, dtype=torch.float32) if splits > 1 else y
     locks = arrival_counters(x.device, grid[0] * grid[1]) if splits > 1 else y
-    x_desc, w_desc = x, w
-    if c["TMA"]:
-        if TensorDescriptor is None:
-            raise RuntimeError(f"skinny_linear(tma=True) needs Triton >= 3.4 (tensor descriptors), not {triton.__version__}")
-        x_desc, w_desc = TensorDescriptor.from_tensor(x, [bm, bk]), TensorDescriptor.from_tensor(w, [bn, bk])
-    _skinny_kernel[grid](x, w, x_desc, w_desc, bias if bias is not None else y, y, part, locks, m, n, k, k_span, splits,
+    _skinny_kernel[grid](x, w, bias if bias is not None else y, y, part, locks, m, n, k, k_span, splits,
                          x.stride(0), w.stride(0), n * w.stride(0) if gated else 0, SPLIT=splits > 1,
-                         HAS_BIAS=bias is not None, EVEN=even, GATED=gated, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
-                         launch_pdl=c["PDL"], **c)
+                         HAS_BIAS=bias is not None, EVEN=even, GATED=gated, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, **c)
     return y
 
 

@@ -195,64 +195,6 @@ def test_skinny_linear_in_a_cuda_graph():
     assert not torch.equal(y, y0)
 
 
-hopper = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0),
-                            reason="tensor descriptors and programmatic dependent launch: Hopper or newer")
-
-
-@hopper
-@pytest.mark.parametrize("m,n,k,gated,splits", [(1, 2560, 4096, False, None), (16, 6144, 2560, False, 5),
-                                                 (64, 19456, 2560, True, None), (64, 2560, 9728, False, 3),
-                                                 (17, 1000, 1104, True, 2)])
-def test_tma_and_pdl_equal_the_pointer_loads(m, n, k, gated, splits):
-    """The same tiles summed in the same order: tensor-descriptor loads and the dependent launch change how the
-    bytes arrive, not one bit of the result; a chain of dependent PDL launches in a CUDA graph reads each
-    product's input only after the previous launch wrote it."""
-    from engine.triton_gemm import _LOCKS, skinny_linear
-
-    g = torch.Generator(device="cuda").manual_seed(m + n + k)
-    x = torch.randn(m, k, device="cuda", generator=g).bfloat16()
-    w = (torch.randn(n, k, device="cuda", generator=g) / k ** 0.5).bfloat16()
-    y = skinny_linear(x, w, gated=gated, splits=splits)
-    for tune in (dict(tma=True), dict(pdl=True), dict(tma=True, pdl=True, prefetch_k=512)):
-        assert torch.equal(skinny_linear(x, w, gated=gated, splits=splits, **tune), y), tune
-    assert int(_LOCKS.get(x.device, torch.zeros(1)).abs().sum()) == 0
-    back = (torch.randn(k, y.shape[1], device="cuda", generator=g) / y.shape[1] ** 0.5).bfloat16()
-
-    def chain(**tune):  # x -> y -> x' -> y' ...: every launch reads what the one before it wrote
-        h = x
-        for _ in range(4):
-            h = skinny_linear(skinny_linear(h, w, gated=gated, splits=splits, **tune), back, **tune)
-        return h
-
-    want = chain()
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        chain(tma=True, pdl=True)
-    torch.cuda.current_stream().wait_stream(s)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        got = chain(tma=True, pdl=True)
-    for _ in range(3):
-        graph.replay()
-        assert torch.equal(got, want)
-    x.normal_(generator=g)
-    graph.replay()
-    assert torch.equal(got, chain()) and not torch.equal(got, want)
-
-
-def test_tma_refuses_unaligned_rows_and_bad_prefetch():
-    """Checked before anything launches (no GPU needed to see the errors)."""
-    pytest.importorskip("triton")
-    from engine.triton_gemm import config, skinny_linear
-
-    with pytest.raises(ValueError, match="power of two"):
-        config(1, 64, 64, 8, prefetch_k=96)
-    x, w = torch.randn(2, 12).bfloat16(), torch.randn(8, 12).bfloat16()  # 24-byte rows
-    with pytest.raises(ValueError, match="16 bytes"):
-        skinny_linear(x, w, tma=True)
-
-
 @cuda
 @torch.no_grad()
 def test_engine_model_logits_with_triton_gemm():
