@@ -6,8 +6,11 @@ visible context in any order whose tail is the sequence's new tokens (page size 
 All k/v of a layer are written before any query of that layer attends, so one forward may extend a
 segment and, in the same pass, a child segment that attends to it.
 
-Decodes (one new token) are padded into one batched SDPA call; extends run one SDPA call each. A Triton
-backend replaces this class behind the same `prepare` / `__call__` interface.
+Decodes (one new token) are padded into one batched SDPA call, and so are extends (prompts): sorted by
+context length and grouped so that padding at most doubles a group's context slots, each group one SDPA call
+with a causal-within-context mask. One call per extend cost ~0.2 ms of host time per sequence and layer: 0.5 s
+for the 96 prompts a rollout admits at once (0.6B shape, H200). A Triton backend replaces this class behind the
+same `prepare` / `__call__` interface.
 """
 from __future__ import annotations
 
@@ -26,7 +29,7 @@ class PagedAttention:
         in the forward's flat token order in the order given here. independent: no sequence's context holds
         another's new tokens (a backend may then write the K/V in its attention launch; unused here)."""
         dev = self.kv.k.device
-        new_slots, self.decode_rows, self.extends = [], [], []
+        new_slots, self.decode_rows, extends = [], [], []
         dec_ctx, row = [], 0
         for ctx, n in seqs:
             new_slots.extend(ctx[len(ctx) - n:])
@@ -34,8 +37,9 @@ class PagedAttention:
                 self.decode_rows.append(row)
                 dec_ctx.append(ctx)
             else:
-                self.extends.append((row, n, torch.tensor(ctx, dtype=torch.long, device=dev)))
+                extends.append((row, n, ctx))
             row += n
+        self.extends = [_padded_extends(group, dev) for group in _group_extends(extends)]
         self.slot_mapping = torch.tensor(new_slots, dtype=torch.long, device=dev)
         if dec_ctx:  # pad to the longest context; padded columns point at slot 0 and are masked out
             width = max(map(len, dec_ctx))
@@ -59,16 +63,47 @@ class PagedAttention:
             vd = _heads(vc[self.dec_idx], group)
             od = F.scaled_dot_product_attention(qd, kd.to(q.dtype), vd.to(q.dtype), attn_mask=self.dec_mask)
             out[self.dec_rows_t] = od[:, :, 0, :]
-        for row, n, ctx in self.extends:
-            L = len(ctx)
-            qi = q[row:row + n].transpose(0, 1)[None]  # [1, Hq, n, D]
-            ki = _heads(kc[ctx][None], group).to(q.dtype)
-            vi = _heads(vc[ctx][None], group).to(q.dtype)
-            # query j (0-based among the n new ones) sees the context up to column L - n + j
-            mask = torch.ones(n, L, dtype=torch.bool, device=q.device).tril(L - n)
-            oi = F.scaled_dot_product_attention(qi, ki, vi, attn_mask=mask[None, None])
-            out[row:row + n] = oi[0].transpose(0, 1)
+        for q_idx, valid, kv_idx, mask in self.extends:
+            qe = q[q_idx].transpose(1, 2)  # [B, Hq, n_max, D]
+            ke = _heads(kc[kv_idx], group).to(q.dtype)  # [B, Hq, L_max, D]
+            ve = _heads(vc[kv_idx], group).to(q.dtype)
+            oe = F.scaled_dot_product_attention(qe, ke, ve, attn_mask=mask)
+            out[q_idx[valid]] = oe.transpose(1, 2)[valid]
         return out
+
+
+def _group_extends(extends: list[tuple[int, int, list[int]]]) -> list[list[tuple[int, int, list[int]]]]:
+    """Extends sorted by context length, cut into groups whose padded size (count x longest context) stays
+    within twice their real context slots: one SDPA call per group, padding bounded."""
+    groups, total = [], 0
+    for e in sorted(extends, key=lambda e: len(e[2])):
+        if groups and (len(groups[-1]) + 1) * len(e[2]) > 2 * (total + len(e[2])):
+            groups.append([])
+            total = 0
+        if not groups:
+            groups.append([])
+        groups[-1].append(e)
+        total += len(e[2])
+    return groups
+
+
+def _padded_extends(group: list[tuple[int, int, list[int]]], dev: torch.device):
+    """One SDPA call's inputs for extends (flat row of the first new token, n new tokens, context slots):
+    q_idx [B, n_max] flat token rows (padding repeats row 0), valid [B, n_max], kv_idx [B, L_max] slots (padding:
+    slot 0, masked), mask [B, 1, n_max, L_max]: query j of an extend with n new tokens and L context slots sees
+    columns up to L - n + j. Padded queries see their row's real columns (never an empty row: no NaN); their
+    output is dropped."""
+    b, n_max, l_max = len(group), max(n for _, n, _ in group), max(len(c) for _, _, c in group)
+    kv_idx = torch.zeros(b, l_max, dtype=torch.long)
+    rows, ns, lens = (torch.tensor(v) for v in zip(*((row, n, len(c)) for row, n, c in group)))
+    for i, (_, _, ctx) in enumerate(group):
+        kv_idx[i, :len(ctx)] = torch.tensor(ctx, dtype=torch.long)
+    j = torch.arange(n_max)
+    valid = j[None, :] < ns[:, None]
+    q_idx = torch.where(valid, rows[:, None] + j[None, :], 0)
+    col = torch.arange(l_max)[None, None, :]
+    mask = (col <= (lens - ns)[:, None, None] + j[None, :, None]) & (col < lens[:, None, None])
+    return q_idx.to(dev), valid.to(dev), kv_idx.to(dev), mask[:, None].to(dev)
 
 
 def _heads(x: torch.Tensor, group: int) -> torch.Tensor:
