@@ -45,11 +45,11 @@ _tokens, _context_len = attrgetter("n"), attrgetter("length")  # of a scheduler 
 
 class LLM:
     def __init__(self, model, tokenizer=None, config: EngineConfig = EngineConfig(), device="cpu",
-                 dtype: torch.dtype | None = None, fuse: bool | None = None, compile_graphs: bool = False):
+                 dtype: torch.dtype | None = None, fuse: bool | None = None, compile_graphs: bool | None = None):
         """`fuse`: fuse q/k/v and gate/up into single GEMMs (`CausalLM.fuse_projections`); None = only a model
         the engine loads itself from a path (a model passed in may be shared, e.g. with a learner).
         `compile_graphs`: with `config.cuda_graphs`, torch.compile the captured decode step (fuses the small
-        elementwise kernels; a one-time compile of minutes on a 4B model)."""
+        elementwise kernels; a one-time compile of minutes on a 4B model); None: `config.compile_graphs`."""
         from npr_async.tokenizer import load_tokenizer
 
         owned = isinstance(model, (str, Path))
@@ -85,7 +85,8 @@ class LLM:
             self.model.set_gemm(decode_linear)
         # CUDA graphs for decode-only steps, captured at the first one (GPU only; else eager every step)
         self.use_graphs = bool(config.cuda_graphs) and self.device.type == "cuda"
-        self.graphs, self.compile_graphs = None, compile_graphs
+        self.graphs = None
+        self.compile_graphs = config.compile_graphs if compile_graphs is None else compile_graphs
         self._busy = False
         self.sampler = BatchSampler(self.device)
         self._seeds = random.Random()

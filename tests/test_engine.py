@@ -551,3 +551,10 @@ def test_graph_step_rotating_in_attention_equals_the_torch_backend(model_type, f
     torch.testing.assert_close(out[:3].float(), ref, rtol=1e-4, atol=1e-4)
     for cache in ("k", "v"):
         torch.testing.assert_close(getattr(kvs[1], cache), getattr(kvs[0], cache), rtol=1e-5, atol=1e-5)
+
+
+def test_compile_graphs_comes_from_the_config_unless_given(tiny):
+    llm = tiny[2]
+    for cfg, arg, want in [(False, None, False), (True, None, True), (True, False, False), (False, True, True)]:
+        got = LLM(llm.model, llm.tokenizer, EngineConfig(kv_slots=64, compile_graphs=cfg), compile_graphs=arg)
+        assert got.compile_graphs is want
