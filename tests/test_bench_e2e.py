@@ -1,5 +1,6 @@
-"""bench/e2e.py's pieces that need no cluster: the forced guideline and the per-run summary."""
+"""bench/e2e.py's pieces that need no cluster (forced guideline, per-run summary); bench/rollout.py on the CPU."""
 import importlib.util
+import json
 import shutil
 from pathlib import Path
 
@@ -65,3 +66,18 @@ def test_configurations_sweep_generators_streaming_and_windows():
                                     "gen=2,stream=on,chunk=16", "gen=2,stream=on,chunk=96"]
     assert e2e.configurations([3], [True, False], []) == [(3, True, 0, "gen=3,stream=on"),
                                                          (3, False, 0, "gen=3,stream=off")]  # the config's window
+
+
+def test_bench_rollout_times_the_generators_call_on_the_cpu(tmp_path):
+    """`npr-async bench rollout`: the generator's engine call in-process, every call reported with its counters."""
+    from npr_async.cli import main
+
+    out = tmp_path / "rollout.json"
+    rc = main(["bench", "rollout", "--config", str(ROOT / "configs" / "tiny_cpu.yaml"), "--shape", "", "--samples", "6", "--calls",
+               "2", "--run-dir", str(tmp_path / "run"), "--out", str(out)])
+    assert rc == 0
+    calls = json.loads(out.read_text())["calls"]
+    assert [c["call"] for c in calls] == [0, 1]
+    for c in calls:
+        assert c["forwards"] > 0 and c["tokens_per_sample"] > 0 and c["ms_per_forward"] > 0
+        assert c["tokens_per_s"] == pytest.approx(6 * c["tokens_per_sample"] / c["wall_s"])

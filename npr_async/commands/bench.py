@@ -1,4 +1,4 @@
-"""`npr-async bench engine|transport|learner|e2e [ARGS...]`: run `bench/<name>.py` with ARGS.
+"""`npr-async bench engine|transport|learner|e2e|rollout [ARGS...]`: run `bench/<name>.py` with ARGS.
 
 The bench scripts live beside the packages (they are run on GPU machines from a checkout, not installed), so
 they are loaded by path. A script's `main(argv)` is called when it has one; otherwise it runs as `__main__`.
@@ -11,7 +11,7 @@ import runpy
 import sys
 from pathlib import Path
 
-BENCHES = ("engine", "transport", "learner", "e2e")
+BENCHES = ("engine", "transport", "learner", "e2e", "rollout")
 BENCH_DIR = Path(__file__).resolve().parents[2] / "bench"
 
 

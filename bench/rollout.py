@@ -1,0 +1,111 @@
+"""One rollout generator's engine call, in-process: the e2e benchmark's workload without the rest of the system.
+
+Builds the model the way `bench/e2e.py` does (a random-init `--shape`, `--force-plans` forced plans), constructs
+`engine.LLM` the way `actors/rollout.py` does (the config's engine section), and times `LLM.generate` on
+`--samples` samples (the config's prompts, `rollout.samples_per_prompt` copies each, one seed per sample) with
+`max_running=--samples` and a trajectory callback, like the generator's one call per step. Each call's forwards,
+graph replays, steps ahead and milliseconds per forward go to stdout and `--out`; `--profile 1` adds the GPU's
+busy time and its top kernels for one more call (is the loop host- or GPU-bound?).
+
+    python3 bench/rollout.py --config configs/bench_2gpu.yaml --shape qwen3-0.6b --force-plans 4 \
+        --samples 96 --calls 4 --compile 0,1 --out $OUT/rollout.json
+
+The first call of each `--compile` value captures the CUDA graphs (and compiles): it is reported, not timed
+as steady state.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import msgspec
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench import e2e  # noqa: E402
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", default=str(ROOT / "configs" / "bench_2gpu.yaml"))
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--shape", default="qwen3-0.6b", choices=sorted(e2e.SHAPES) + [""],
+                   help="'': the config's model preset")
+    p.add_argument("--force-plans", type=int, default=4)
+    p.add_argument("--samples", type=int, default=96, help="samples per call, all decoding at once")
+    p.add_argument("--calls", type=int, default=4, help="calls per --compile value, the first one warm-up")
+    p.add_argument("--compile", default="0", help="engine.compile_graphs values to run, e.g. 0,1")
+    p.add_argument("--profile", type=int, default=0, help="1: one more call under the torch profiler")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--run-dir", default="/tmp/bench_rollout")
+    p.add_argument("--out", required=True)
+    a = p.parse_args(argv)
+
+    from engine.llm import LLM
+    from engine.sampler import SamplingParams
+    from npr_async.config import load_config
+    from npr_async.pipeline import prepare_data
+    from npr_async.tokenizer import format_prompt
+
+    cfg = load_config(a.config, a.overrides + ["engine.cuda_graphs=true"])
+    model_dir = e2e.build_model(cfg, Path(a.run_dir), a.shape)
+    if a.force_plans:
+        e2e.force_guideline(model_dir, a.force_plans)
+    rows, _ = prepare_data(cfg)
+    base = SamplingParams.from_config(cfg.engine, cfg.rollout.sampling)
+    sync = torch.cuda.synchronize if a.device == "cuda" else (lambda: None)
+    per_prompt = cfg.rollout.samples_per_prompt
+    res = {"device": torch.cuda.get_device_name() if a.device == "cuda" else "cpu", "torch": torch.__version__,
+           "args": vars(a), "calls": []}
+
+    def call(llm, k: int, compiled: bool) -> tuple[float, dict]:
+        need = -(-a.samples // per_prompt)
+        batch = [rows[(k * need + i) % len(rows)] for i in range(need)]
+        prompts = [format_prompt(llm.tokenizer, r["prompt"]) for r in batch for _ in range(per_prompt)][:a.samples]
+        params = [msgspec.structs.replace(base, seed=k * 100_003 + j) for j in range(len(prompts))]
+        sync()
+        t = time.perf_counter()
+        out = llm.generate(prompts, params, on_finished=lambda i, traj: None, max_running=a.samples)
+        sync()
+        wall = time.perf_counter() - t
+        rec = {"compile": compiled, "call": k, "wall_s": wall, **llm.last_stats,
+               "ms_per_forward": 1e3 * wall / llm.last_stats["forwards"],
+               "tokens_per_s": sum(x.num_tokens for x in out) / wall,
+               "tokens_per_sample": sum(x.num_tokens for x in out) / len(out)}
+        res["calls"].append(rec)
+        Path(a.out).write_text(json.dumps(res, indent=1))
+        print(f"compile={int(compiled)} call {k}{' (warm-up)' if k == 0 else ''}: {wall:.3f} s, "
+              f"{rec['forwards']} forwards ({rec['graph_steps']} graph, {rec['steps_ahead']} ahead), "
+              f"{rec['ms_per_forward']:.2f} ms each, {rec['tokens_per_s']:,.0f} tok/s", flush=True)
+        return wall, rec
+
+    for compiled in (bool(int(v)) for v in a.compile.split(",")):
+        llm = LLM(model_dir, config=cfg.engine, device=a.device, dtype=getattr(torch, cfg.model.dtype),
+                  compile_graphs=compiled)
+        for k in range(a.calls):
+            call(llm, k, compiled)
+        if a.profile and a.device == "cuda":
+            from torch.profiler import ProfilerActivity, profile
+
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                wall, rec = call(llm, a.calls, compiled)
+            ev = prof.key_averages()
+            busy = sum(e.device_time_total for e in ev) / 1e3
+            top = sorted(ev, key=lambda e: -e.device_time_total)[:10]
+            rec["gpu_busy_ms"] = busy
+            rec["top_kernels_ms"] = {e.key[:80]: e.device_time_total / 1e3 for e in top}
+            Path(a.out).write_text(json.dumps(res, indent=1))
+            print(f"  GPU busy {busy:.0f} ms of {wall * 1e3:.0f} ({busy / (wall * 1e3):.0%}), "
+                  f"{busy / rec['forwards']:.2f} ms per forward; top: "
+                  + ", ".join(f"{k[:40]} {v:.0f}" for k, v in list(rec["top_kernels_ms"].items())[:4]), flush=True)
+        del llm
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
