@@ -72,12 +72,19 @@ class PagedAttention:
         return out
 
 
+# Padded context slots per SDPA call (count x longest context): bounds the gathered, head-repeated K / V a call
+# holds (32 query heads x 128 dims: 0.5 GB for K and V together) unless one extend alone is longer.
+MAX_GROUP_SLOTS = 32768
+
+
 def _group_extends(extends: list[tuple[int, int, list[int]]]) -> list[list[tuple[int, int, list[int]]]]:
     """Extends sorted by context length, cut into groups whose padded size (count x longest context) stays
-    within twice their real context slots: one SDPA call per group, padding bounded."""
+    within twice their real context slots and within MAX_GROUP_SLOTS (a longer extend is a group of its own):
+    one SDPA call per group, padding and memory bounded."""
     groups, total = [], 0
     for e in sorted(extends, key=lambda e: len(e[2])):
-        if groups and (len(groups[-1]) + 1) * len(e[2]) > 2 * (total + len(e[2])):
+        padded = (len(groups[-1]) + 1) * len(e[2]) if groups else 0
+        if groups and (padded > 2 * (total + len(e[2])) or padded > MAX_GROUP_SLOTS):
             groups.append([])
             total = 0
         if not groups:
