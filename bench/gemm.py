@@ -92,10 +92,10 @@ def chain(shape: str, rows: list[int], variants: list[str], copy_bw: float) -> l
     weights = [{name: torch.randn(n, k, device=dev, dtype=dtype) / k ** 0.5
                 for name, (n, k, _) in prods.items() if name != "lm_head"} for _ in range(layers)]
     head = torch.randn(prods["lm_head"][0], prods["lm_head"][1], device=dev, dtype=dtype) / prods["lm_head"][1] ** 0.5
+    nbytes = sum(times * n * k * 2 for n, k, times in prods.values())  # one step's weights
     out = []
     for m in rows:
         x0 = torch.randn(m, prods["qkv"][1], device=dev, dtype=dtype)
-        nbytes = sum(times * n * k * 2 for n, k, times in prods.values())
         first = None
         for v in variants:
             gemm = chain_product(v)

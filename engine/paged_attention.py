@@ -6,9 +6,8 @@ visible context in any order whose tail is the sequence's new tokens (page size 
 All k/v of a layer are written before any query of that layer attends, so one forward may extend a
 segment and, in the same pass, a child segment that attends to it.
 
-Decodes (one new token) are padded into one batched SDPA call, and so are extends (prompts): sorted by
-context length and grouped so that padding at most doubles a group's context slots, each group one SDPA call
-with a causal-within-context mask. One call per extend cost ~0.2 ms of host time per sequence and layer: 0.5 s
+Decodes (one new token) and extends (prompts), each apart, are sorted by context length and grouped so that
+padding at most doubles a group's context slots: one SDPA call per group with a causal-within-context mask. One call per extend cost ~0.2 ms of host time per sequence and layer: 0.5 s
 for the 96 prompts a rollout admits at once (0.6B shape, H200). A Triton backend replaces this class behind the
 same `prepare` / `__call__` interface.
 """
@@ -29,27 +28,14 @@ class PagedAttention:
         in the forward's flat token order in the order given here. independent: no sequence's context holds
         another's new tokens (a backend may then write the K/V in its attention launch; unused here)."""
         dev = self.kv.k.device
-        new_slots, self.decode_rows, extends = [], [], []
-        dec_ctx, row = [], 0
+        new_slots, decodes, extends, row = [], [], [], 0
         for ctx, n in seqs:
             new_slots.extend(ctx[len(ctx) - n:])
-            if n == 1:
-                self.decode_rows.append(row)
-                dec_ctx.append(ctx)
-            else:
-                extends.append((row, n, ctx))
+            (decodes if n == 1 else extends).append((row, n, ctx))
             row += n
-        self.extends = [_padded_extends(group, dev) for group in _group_extends(extends)]
         self.slot_mapping = torch.tensor(new_slots, dtype=torch.long, device=dev)
-        if dec_ctx:  # pad to the longest context; padded columns point at slot 0 and are masked out
-            width = max(map(len, dec_ctx))
-            idx = torch.zeros(len(dec_ctx), width, dtype=torch.long)
-            mask = torch.zeros(len(dec_ctx), width, dtype=torch.bool)
-            for i, c in enumerate(dec_ctx):
-                idx[i, :len(c)] = torch.tensor(c, dtype=torch.long)
-                mask[i, :len(c)] = True
-            self.dec_idx, self.dec_mask = idx.to(dev), mask.to(dev)[:, None, None, :]
-            self.dec_rows_t = torch.tensor(self.decode_rows, dtype=torch.long, device=dev)
+        # decodes and extends apart: a decode padded to a prompt's query count would waste the prompt's work
+        self.calls = [_padded_call(group, dev) for part in (decodes, extends) for group in _group_by_length(part)]
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         kc, vc = self.kv.k[layer], self.kv.v[layer]
@@ -57,13 +43,7 @@ class PagedAttention:
         vc[self.slot_mapping] = v.to(vc.dtype)
         out = torch.empty_like(q)
         group = q.shape[1] // k.shape[1]  # GQA: query heads per KV head
-        if self.decode_rows:
-            qd = q[self.dec_rows_t][:, :, None, :]  # [B, Hq, 1, D]
-            kd = _heads(kc[self.dec_idx], group)  # [B, Hq, L, D]
-            vd = _heads(vc[self.dec_idx], group)
-            od = F.scaled_dot_product_attention(qd, kd.to(q.dtype), vd.to(q.dtype), attn_mask=self.dec_mask)
-            out[self.dec_rows_t] = od[:, :, 0, :]
-        for q_idx, valid, kv_idx, mask in self.extends:
+        for q_idx, valid, kv_idx, mask in self.calls:
             qe = q[q_idx].transpose(1, 2)  # [B, Hq, n_max, D]
             ke = _heads(kc[kv_idx], group).to(q.dtype)  # [B, Hq, L_max, D]
             ve = _heads(vc[kv_idx], group).to(q.dtype)
@@ -73,16 +53,16 @@ class PagedAttention:
 
 
 # Padded context slots per SDPA call (count x longest context): bounds the gathered, head-repeated K / V a call
-# holds (32 query heads x 128 dims: 0.5 GB for K and V together) unless one extend alone is longer.
+# holds (32 query heads x 128 dims: 0.5 GB for K and V together) unless one sequence alone is longer.
 MAX_GROUP_SLOTS = 32768
 
 
-def _group_extends(extends: list[tuple[int, int, list[int]]]) -> list[list[tuple[int, int, list[int]]]]:
-    """Extends sorted by context length, cut into groups whose padded size (count x longest context) stays
-    within twice their real context slots and within MAX_GROUP_SLOTS (a longer extend is a group of its own):
+def _group_by_length(seqs: list[tuple[int, int, list[int]]]) -> list[list[tuple[int, int, list[int]]]]:
+    """Sequences sorted by context length, cut into groups whose padded size (count x longest context) stays
+    within twice their real context slots and within MAX_GROUP_SLOTS (a longer sequence is a group of its own):
     one SDPA call per group, padding and memory bounded."""
     groups, total = [], 0
-    for e in sorted(extends, key=lambda e: len(e[2])):
+    for e in sorted(seqs, key=lambda e: len(e[2])):
         padded = (len(groups[-1]) + 1) * len(e[2]) if groups else 0
         if groups and (padded > 2 * (total + len(e[2])) or padded > MAX_GROUP_SLOTS):
             groups.append([])
@@ -94,8 +74,8 @@ def _group_extends(extends: list[tuple[int, int, list[int]]]) -> list[list[tuple
     return groups
 
 
-def _padded_extends(group: list[tuple[int, int, list[int]]], dev: torch.device):
-    """One SDPA call's inputs for extends (flat row of the first new token, n new tokens, context slots):
+def _padded_call(group: list[tuple[int, int, list[int]]], dev: torch.device):
+    """One SDPA call's inputs for sequences (flat row of the first new token, n new tokens, context slots):
     q_idx [B, n_max] flat token rows (padding repeats row 0), valid [B, n_max], kv_idx [B, L_max] slots (padding:
     slot 0, masked), mask [B, 1, n_max, L_max]: query j of an extend with n new tokens and L context slots sees
     columns up to L - n + j. Padded queries see their row's real columns (never an empty row: no NaN); their

@@ -4,7 +4,7 @@ from hypothesis import given, settings, strategies as st
 
 from engine.attention import sdpa
 from engine.kv_store import KVStore
-from engine.paged_attention import MAX_GROUP_SLOTS, PagedAttention, _group_extends
+from engine.paged_attention import MAX_GROUP_SLOTS, PagedAttention, _group_by_length
 
 
 def test_paged_equals_dense_over_forked_contexts():
@@ -86,7 +86,7 @@ def test_batched_extends_and_decodes_equal_brute_force(shapes, rnd):
 @given(st.lists(st.integers(1, 40000), max_size=60))
 def test_extend_groups_cover_each_extend_once_and_bound_the_padding(lengths):
     extends = [(i, 2, range(n)) for i, n in enumerate(lengths)]  # only the lengths matter
-    groups = _group_extends(extends)
+    groups = _group_by_length(extends)
     assert sorted(e[0] for grp in groups for e in grp) == list(range(len(lengths)))
     for grp in groups:
         longest, real = max(len(e[2]) for e in grp), sum(len(e[2]) for e in grp)
