@@ -30,7 +30,7 @@ from engine.triton_attention import decode_attention, default_block_n, default_s
 
 
 def slot_table(layout: str, rows: int, ctx: int, num_slots: int, dev) -> torch.Tensor:
-    """[rows, ctx] int32 slots, all distinct, laid out over a pool of `num_slots` as `layout` says (see --layout)."""
+    """[rows, ctx] int32 slots (distinct but for a fork layout's trunks), laid out over a pool of `num_slots` as `layout` says (see --layout)."""
     if layout == "scattered":
         return torch.randperm(num_slots, device=dev)[:rows * ctx].view(rows, ctx).int()
     if layout == "lockstep":  # slot i*rows + r: what popping one slot per row per step from a fresh stack gives
@@ -41,7 +41,15 @@ def slot_table(layout: str, rows: int, ctx: int, num_slots: int, dev) -> torch.T
         runs = -(-ctx // n)
         starts = torch.randperm(num_slots // n, device=dev)[:rows * runs].view(rows, runs, 1) * n
         return (starts + torch.arange(n, device=dev)).view(rows, runs * n)[:, :ctx].int()
-    raise ValueError(f"--layout: unknown layout {layout!r} (scattered, runsN, lockstep)")
+    if layout.startswith("fork"):  # forkK@T: groups of K rows (branches) share their first T slots (the trunk)
+        k, trunk = (int(x) for x in layout[4:].split("@"))
+        if not 0 <= trunk < ctx or rows % k:
+            raise ValueError(f"--layout {layout}: the trunk must fit the context {ctx} and K divide the rows {rows}")
+        groups = rows // k
+        perm = torch.randperm(num_slots, device=dev)[:groups * trunk + rows * (ctx - trunk)]
+        shared = perm[:groups * trunk].view(groups, 1, trunk).expand(groups, k, trunk).reshape(rows, trunk)
+        return torch.cat([shared, perm[groups * trunk:].view(rows, ctx - trunk)], 1).int()
+    raise ValueError(f"--layout: unknown layout {layout!r} (scattered, runsN, lockstep, forkK@T)")
 
 
 def engine_call_args(table: torch.Tensor, q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
@@ -75,7 +83,8 @@ def main() -> int:
     ap.add_argument("--layout", default="scattered", help="where each row's slots lie, comma-separated: "
                     "'scattered' (token by token over the pool, as after long churn), 'runsN' (runs of N consecutive "
                     "slots, the runs scattered), 'lockstep' (a fresh pool decoding every row at once: slots of a row "
-                    "`rows` apart)")
+                    "`rows` apart), 'forkK@T' (groups of K rows sharing their first T slots, as NPR branches share a trunk: "
+                    "GB/s still counts every row's reads; unique_gbs counts a trunk once per group)")
     ap.add_argument("--graph", type=int, default=0, help="1: time inside a CUDA graph (no launch overhead; "
                     "small batches are launch-bound otherwise)")
     ap.add_argument("--defaults", type=int, default=0, help="1: only the engine's default configuration per case")
@@ -103,11 +112,13 @@ def main() -> int:
         table = tables[0]
         lens = torch.full((rows,), ctx, dtype=torch.int32, device=dev)
         nbytes = 2 * rows * ctx * hkv * d * 2
+        unique = len(torch.unique(table)) * 2 * hkv * d * 2  # K and V bytes of distinct slots
         src = torch.empty(nbytes // 2, dtype=torch.uint8, device=dev)
         dst = torch.empty_like(src)
         copy_ms = triton.testing.do_bench(lambda: dst.copy_(src))
         copy_gbs = 2 * src.numel() / copy_ms / 1e6  # read + write
-        case = {"rows": rows, "ctx": ctx, "layout": layout, "kv_bytes": nbytes, "copy_gbs": copy_gbs,
+        case = {"rows": rows, "ctx": ctx, "layout": layout, "kv_bytes": nbytes, "unique_kv_bytes": unique,
+                "copy_gbs": copy_gbs,
                 "default_splits": default_splits(rows, hkv, dev),
                 "configs": []}
         # as in the engine's decode step: each row's last slot is its new token, written by the same launch. Each
@@ -145,7 +156,8 @@ def main() -> int:
                                         "call": how, "error": str(e)[:120]})
                 continue
             case["configs"].append({"splits": s, "block_n": bn, "warps": w, "stages": st, "rotate": rot, "call": how,
-                                    "us": ms * 1e3, "gbs": nbytes / ms / 1e6, "max_err": err})
+                                    "us": ms * 1e3, "gbs": nbytes / ms / 1e6, "unique_gbs": unique / ms / 1e6,
+                                    "max_err": err})
         res["cases"].append(case)
         for how, rot in itertools.product(calls, rotations):
             ok = [c for c in case["configs"] if "us" in c and c["rotate"] == rot and c["call"] == how]
@@ -154,7 +166,8 @@ def main() -> int:
             tag = f"rotate{rot}" + ("" if how == "bench" else f"_{how}")
             case[f"best_{tag}"], case[f"default_{tag}"] = best, dflt
             print(f"rows {rows} ctx {ctx} {layout} rotate {rot} call {how}: copy {copy_gbs:.0f} GB/s | default "
-                  f"{dflt and round(dflt['gbs'])} GB/s ({dflt and round(dflt['us'], 1)} us) | best {best['gbs']:.0f} GB/s "
+                  f"{dflt and round(dflt['gbs'])} GB/s, unique {dflt and round(dflt['unique_gbs'])} "
+                  f"({dflt and round(dflt['us'], 1)} us) | best {best['gbs']:.0f} GB/s "
                   f"({best['us']:.1f} us) splits {best['splits']} block_n {best['block_n']} warps {best['warps']} "
                   f"stages {best['stages']}", flush=True)
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
