@@ -30,7 +30,8 @@ from engine.triton_attention import decode_attention, default_block_n, default_s
 
 
 def slot_table(layout: str, rows: int, ctx: int, num_slots: int, dev) -> torch.Tensor:
-    """[rows, ctx] int32 slots (distinct but for a fork layout's trunks), laid out over a pool of `num_slots` as `layout` says (see --layout)."""
+    """[rows, ctx] int32 slots (distinct but for a fork layout's trunks), laid out over a pool of `num_slots` as
+    `layout` says (see --layout)."""
     if layout == "scattered":
         return torch.randperm(num_slots, device=dev)[:rows * ctx].view(rows, ctx).int()
     if layout == "lockstep":  # slot i*rows + r: what popping one slot per row per step from a fresh stack gives
