@@ -3,7 +3,7 @@ configuration (splits, BLOCK_N, warps, stages), to choose the engine's defaults 
 
     python3 bench/attention.py --rows 64,256 --ctx 256,1024 --out $OUT/attention.json
 
-Qwen3-4B attention shape (32 query heads, 8 KV heads, head_dim 128, bf16), one layer's cache of
+Qwen3-4B attention shape (32 query heads (`--heads`), 8 KV heads, head_dim 128, bf16), one layer's cache of
 `--slots` token slots; every row reads its own `ctx` slots, laid out over the pool as `--layout` says.
 GB/s = K and V bytes read ÷ kernel time (triton.testing.do_bench, L2 flushed between runs), side by side
 with a device-to-device copy of the same bytes in the same run (the hardware's practical limit). Each call also
@@ -81,6 +81,8 @@ def main() -> int:
     ap.add_argument("--warps", default="4,8")
     ap.add_argument("--stages", default="2,3,4")
     ap.add_argument("--slots", type=int, default=1 << 20)
+    ap.add_argument("--heads", type=int, default=32, help="query heads (8 KV heads, head_dim 128): 32 as Qwen3-4B, "
+                    "16 as Qwen3-0.6B")
     ap.add_argument("--layout", default="scattered", help="where each row's slots lie, comma-separated: "
                     "'scattered' (token by token over the pool, as after long churn), 'runsN' (runs of N consecutive "
                     "slots, the runs scattered), 'lockstep' (a fresh pool decoding every row at once: slots of a row "
@@ -102,7 +104,7 @@ def main() -> int:
     calls = a.call.split(",")
     if set(calls) - {"bench", "engine"}:
         ap.error(f"--call: {a.call!r}: give bench, engine or both")
-    hq, hkv, d, dev = 32, 8, 128, torch.device("cuda")
+    hq, hkv, d, dev = a.heads, 8, 128, torch.device("cuda")
     kc = torch.randn(a.slots, hkv, d, device=dev, dtype=torch.bfloat16)
     vc = torch.randn_like(kc)
     res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "cases": []}
