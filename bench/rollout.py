@@ -99,12 +99,33 @@ def main(argv=None) -> int:
             top = sorted(ev, key=lambda e: -e.device_time_total)[:10]
             rec["gpu_busy_ms"] = busy
             rec["top_kernels_ms"] = {e.key[:80]: e.device_time_total / 1e3 for e in top}
+            rec["top_kernels_calls"] = {e.key[:80]: e.count for e in top}
+            rec["attention_by_grid"] = attention_by_grid(prof)
             Path(a.out).write_text(json.dumps(res, indent=1))
+            for key, (n, ms) in sorted(rec["attention_by_grid"].items(), key=lambda x: -x[1][1])[:6]:
+                print(f"  {key}: {n} launches, {ms:.1f} ms, {1e3 * ms / n:.1f} us each", flush=True)
             print(f"  GPU busy {busy:.0f} ms of {wall * 1e3:.0f} ({busy / (wall * 1e3):.0%}), "
                   f"{busy / rec['forwards']:.2f} ms per forward; top: "
                   + ", ".join(f"{k[:40]} {v:.0f}" for k, v in list(rec["top_kernels_ms"].items())[:4]), flush=True)
         del llm
     return 0
+
+
+def attention_by_grid(prof) -> dict:
+    """The attention kernels' GPU time by launch grid (batch bucket x KV heads): {"name grid [..]": (launches, ms)},
+    from the profiler's trace (its kernel events carry the grid)."""
+    import tempfile
+
+    with tempfile.NamedTemporaryFile(suffix=".json") as f:
+        prof.export_chrome_trace(f.name)
+        events = json.loads(Path(f.name).read_text()).get("traceEvents", [])
+    out: dict = {}
+    for e in events:
+        if e.get("cat") == "kernel" and "decode_kernel" in e.get("name", ""):
+            key = (e["name"], str(e.get("args", {}).get("grid")))
+            n, ms = out.get(key, (0, 0.0))
+            out[key] = (n + 1, ms + e.get("dur", 0) / 1e3)
+    return {f"{name} grid {grid}": v for (name, grid), v in out.items()}
 
 
 if __name__ == "__main__":
