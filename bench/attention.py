@@ -86,8 +86,8 @@ def main() -> int:
     ap.add_argument("--layout", default="scattered", help="where each row's slots lie, comma-separated: "
                     "'scattered' (token by token over the pool, as after long churn), 'runsN' (runs of N consecutive "
                     "slots, the runs scattered), 'lockstep' (a fresh pool decoding every row at once: slots of a row "
-                    "`rows` apart), 'forkK@T' (groups of K rows sharing their first T slots, as NPR branches share a trunk: "
-                    "GB/s still counts every row's reads; unique_gbs counts a trunk once per group)")
+                    "`rows` apart), 'forkK@T' (groups of K rows sharing their first T slots, as NPR branches share "
+                    "a trunk: GB/s still counts every row's reads; unique_gbs counts a trunk once per group)")
     ap.add_argument("--graph", type=int, default=0, help="1: time inside a CUDA graph (no launch overhead; "
                     "small batches are launch-bound otherwise)")
     ap.add_argument("--defaults", type=int, default=0, help="1: only the engine's default configuration per case")
