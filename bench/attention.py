@@ -115,7 +115,7 @@ def main() -> int:
         table = tables[0]
         lens = torch.full((rows,), ctx, dtype=torch.int32, device=dev)
         nbytes = 2 * rows * ctx * hkv * d * 2
-        unique = len(torch.unique(table)) * 2 * hkv * d * 2  # K and V bytes of distinct slots
+        unique = len(torch.unique(table)) * 2 * hkv * d * 2  # K and V bytes of distinct slots (the 8 tables alike)
         src = torch.empty(nbytes // 2, dtype=torch.uint8, device=dev)
         dst = torch.empty_like(src)
         copy_ms = triton.testing.do_bench(lambda: dst.copy_(src))
