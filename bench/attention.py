@@ -27,6 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.gemm import graph_ms  # noqa: E402
 from engine.triton_attention import decode_attention, default_block_n, default_splits, default_stages  # noqa: E402
+from engine.triton_fork_attention import fork_decode_attention  # noqa: E402
+from engine.triton_qk_rope import rotate_q_k  # noqa: E402
 
 
 def slot_table(layout: str, rows: int, ctx: int, num_slots: int, dev) -> torch.Tensor:
@@ -99,6 +101,9 @@ def main() -> int:
                     "through a rows tensor (session 9: a change measured faster with 'bench' was slower in the engine)")
     ap.add_argument("--table-width", type=int, default=0, help="the engine call's table width (0: bench/engine.py's "
                     "without forks, prompt 128 + branch 512 + 8 = 648, or the context if longer)")
+    ap.add_argument("--fork-kernel", default="0", help="comma-separated: 1 = engine/triton_fork_attention.py (a forkK@T "
+                    "layout's groups read their trunk once; other layouts: every row its own group), after the q/k "
+                    "kernel when --rotate 1, as the engine's big buckets; 0 = the per-row kernel (the sweep's configs)")
     ap.add_argument("--out", required=True)
     a = ap.parse_args()
     calls = a.call.split(",")
@@ -137,16 +142,30 @@ def main() -> int:
         norms = torch.rand(2, d, device=dev, dtype=torch.bfloat16) + 0.5
         configs = list(itertools.product(*(map(int, x.split(",")) for x in (a.splits, a.block_n, a.warps, a.stages))))
         rotations = [int(r) for r in a.rotate.split(",")]
-        for how, rot, (s, bn, w, st) in itertools.product(calls, rotations,
-                                                          [dflt_cfg] if a.defaults else configs):
+        k, trunk = (int(x) for x in layout[4:].split("@")) if layout.startswith("fork") else (1, 0)
+        starts = torch.tensor(list(range(0, rows, k)) + [rows] * (rows + 1 - len(range(0, rows, k))),
+                              dtype=torch.int32, device=dev)
+        trunks = torch.full((rows,), trunk, dtype=torch.int32, device=dev)
+        runs = [(fk, cfg) for fk in map(int, a.fork_kernel.split(",")) for cfg in
+                ([dflt_cfg] if a.defaults or fk else configs)]
+        for how, rot, (fk, (s, bn, w, st)) in itertools.product(calls, rotations, runs):
             rotate = (*norms, 1e-6, cos, sin) if rot else None
 
             def args(t, how=how):
-                return engine_args[id(t)] if how == "engine" else dict(q=q, table=t, lens=lens, new_kv=writes[id(t)])
+                if how == "engine":
+                    return engine_args[id(t)]
+                return dict(q=q, table=t, lens=lens, new_kv=writes[id(t)], rows=torch.arange(rows, device=dev).int())
 
-            def call(t, s=s, bn=bn, w=w, st=st, rotate=rotate):
-                return decode_attention(k_cache=kc, v_cache=vc, num_splits=s, block_n=bn, num_warps=w, num_stages=st,
-                                        qk_norm_rope=rotate, **args(t))
+            def call(t, s=s, bn=bn, w=w, st=st, rotate=rotate, fk=fk):
+                kw = args(t)
+                if not fk:
+                    return decode_attention(k_cache=kc, v_cache=vc, num_splits=s, block_n=bn, num_warps=w,
+                                            num_stages=st, qk_norm_rope=rotate, **kw)
+                if rotate is not None:  # the q/k kernel first, as the engine's fork buckets do
+                    kn, vn, sl = kw["new_kv"]
+                    qk = rotate_q_k(kw["q"], kn, *rotate)
+                    kw = dict(kw, q=qk[:, :hq], new_kv=(qk[:, hq:], vn, sl))
+                return fork_decode_attention(k_cache=kc, v_cache=vc, starts=starts, trunks=trunks, **kw)
             ref = decode_attention(q, kc, vc, table=table, lens=lens, new_kv=writes[id(table)], qk_norm_rope=rotate)
             try:
                 err = (call(table).float() - ref.float()).abs().max().item()
@@ -156,19 +175,20 @@ def main() -> int:
                     ms = triton.testing.do_bench(lambda: call(table))
             except Exception as e:  # out of shared memory for a tile shape: record it and go on
                 case["configs"].append({"splits": s, "block_n": bn, "warps": w, "stages": st, "rotate": rot,
-                                        "call": how, "error": str(e)[:120]})
+                                        "call": how, "fork": fk, "error": str(e)[:120]})
                 continue
             case["configs"].append({"splits": s, "block_n": bn, "warps": w, "stages": st, "rotate": rot, "call": how,
+                                    "fork": fk,
                                     "us": ms * 1e3, "gbs": nbytes / ms / 1e6, "unique_gbs": unique / ms / 1e6,
                                     "max_err": err})
         res["cases"].append(case)
-        for how, rot in itertools.product(calls, rotations):
-            ok = [c for c in case["configs"] if "us" in c and c["rotate"] == rot and c["call"] == how]
+        for how, rot, fk in itertools.product(calls, rotations, map(int, a.fork_kernel.split(","))):
+            ok = [c for c in case["configs"] if "us" in c and c["rotate"] == rot and c["call"] == how and c["fork"] == fk]
             best = min(ok, key=lambda c: c["us"])
             dflt = next((c for c in ok if (c["splits"], c["block_n"], c["warps"], c["stages"]) == dflt_cfg), None)
-            tag = f"rotate{rot}" + ("" if how == "bench" else f"_{how}")
+            tag = f"rotate{rot}" + ("" if how == "bench" else f"_{how}") + ("_fork" if fk else "")
             case[f"best_{tag}"], case[f"default_{tag}"] = best, dflt
-            print(f"rows {rows} ctx {ctx} {layout} rotate {rot} call {how}: copy {copy_gbs:.0f} GB/s | default "
+            print(f"rows {rows} ctx {ctx} {layout} rotate {rot} call {how} fork kernel {fk}: copy {copy_gbs:.0f} GB/s | default "
                   f"{dflt and round(dflt['gbs'])} GB/s, unique {dflt and round(dflt['unique_gbs'])} "
                   f"({dflt and round(dflt['us'], 1)} us) | best {best['gbs']:.0f} GB/s "
                   f"({best['us']:.1f} us) splits {best['splits']} block_n {best['block_n']} warps {best['warps']} "

@@ -2,11 +2,15 @@
 
 One graph per bucketed batch size, all sharing one memory pool (captured largest first, as vLLM does).
 Inputs live in static device buffers that the caller fills in place:
-    inputs     [5, max_batch] int64   per row: ids, pos, slots, lens, rows (the views below)
+    inputs     [7, max_batch + 1] int64  per row: ids, pos, slots, lens, rows, starts, trunks (the views below)
       ids / pos                       the token each row decodes and its RoPE position
       slots                           where its k/v go (-1: padding row, nothing is written)
       lens                            how many context slots it sees (its own new slot included)
       rows                            its row of the slot table (at first row r for batch row r)
+      starts / trunks                 fork groups (engine/triton_fork_attention.py): group g's first row, then
+                                      any values >= the batch; the table entries its rows share (at first
+                                      every row its own group, trunk 0). Read by buckets of FORK_GROUPS_FROM
+                                      rows or more, whose attention reads a group's trunk once
     table      [table_rows, W] int32  context slots per table row, in order (shared trunk slots repeat per
                                       row); a replay first appends each row's new slot at table[rows, lens - 1]
     temperature [max_batch] f32       0 = greedy
@@ -27,6 +31,8 @@ from engine.qk_rope import reference
 from engine.scheduler import independent
 
 DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512)
+# Buckets from this many rows use the fork-group attention kernel (below it, the launch that rotates q / k itself).
+FORK_GROUPS_FROM = 128
 
 
 def sample(logits: torch.Tensor, temperature: torch.Tensor, noise: torch.Tensor | None = None
@@ -53,7 +59,8 @@ def slot_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torc
                 v_cache: torch.Tensor, layer: int, slots: torch.Tensor, table: torch.Tensor,
                 lens: torch.Tensor, rows: torch.Tensor, q_norm: torch.Tensor | None = None,
                 k_norm: torch.Tensor | None = None, eps: float = 0.0, cos: torch.Tensor | None = None,
-                sin: torch.Tensor | None = None) -> torch.Tensor:
+                sin: torch.Tensor | None = None, starts: torch.Tensor | None = None,
+                trunks: torch.Tensor | None = None) -> torch.Tensor:
     kc, vc = k_cache[layer], v_cache[layer]
     if q.device.type != "cuda":
         if cos is not None:
@@ -63,6 +70,15 @@ def slot_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torc
 
     t = q.shape[0]
     rotate = None if cos is None else (q_norm, k_norm, eps, *(x.reshape(t, -1).contiguous() for x in (cos, sin)))
+    if starts is not None:  # fork groups: q / k rotated first, then one program per (group, KV head)
+        from engine.triton_fork_attention import fork_decode_attention
+        from engine.triton_qk_rope import rotate_q_k
+
+        if rotate is not None:
+            qk = rotate_q_k(q, k, *rotate)
+            q, k = qk[:, :q.shape[1]], qk[:, q.shape[1]:]
+        return fork_decode_attention(q, kc, vc, table=table, lens=lens, rows=rows, new_kv=(k, v, slots),
+                                     starts=starts, trunks=trunks)
     return decode_attention(q, kc, vc, table=table, lens=lens, rows=rows, new_kv=(k, v, slots), qk_norm_rope=rotate)
 
 
@@ -88,30 +104,50 @@ def _torch_slot_decode(q, k, v, kc, vc, slots, table, lens, rows):
 
 @slot_decode.register_fake
 def _(q, k, v, k_cache, v_cache, layer, slots, table, lens, rows, q_norm=None, k_norm=None, eps=0.0, cos=None,
-      sin=None):
+      sin=None, starts=None, trunks=None):
     return torch.empty(q.shape, dtype=q.dtype, device=q.device)
+
+
+def rows_per_group(num_heads: int, num_kv_heads: int) -> int:
+    """The most rows one program takes: its tile holds 16 query vectors (tl.dot's minimum), or one row's GROUP."""
+    group = num_heads // num_kv_heads
+    return max(1, 16 // group)
+
+
+def fork_groups(keys: list, trunks: list[int], limit: int) -> tuple[list[int], list[int]]:
+    """Consecutive rows with equal keys (their shared ancestry) -> (first row of each group, its trunk), at most
+    `limit` rows a group; a key of None is a row of its own (trunk 0)."""
+    starts, shared = [], []
+    for i, (key, t) in enumerate(zip(keys, trunks)):
+        if key is None or i == 0 or keys[i - 1] != key or trunks[i - 1] != t or i - starts[-1] >= limit:
+            starts.append(i)
+            shared.append(t if key is not None else 0)
+    return starts, shared
 
 
 class SlotDecode:
     """The decode step's attention backend (`slot_decode` per layer). `rotates_qk`: the model hands it q / k as
     projected with their norm weights and cos / sin, and `decode_attention` norms and rotates them: inside its
-    launch for small batches (one kernel less per layer), else by the q/k kernel just before it."""
+    launch for small batches (one kernel less per layer), else by the q/k kernel just before it. groups: (starts,
+    trunks) for the fork-group kernel, None for the per-row one."""
 
     rotates_qk = True
 
-    def __init__(self, k_cache, v_cache, slots, table, lens, rows):
+    def __init__(self, k_cache, v_cache, slots, table, lens, rows, groups=None):
         self.args = (k_cache, v_cache, slots, table, lens, rows)
+        self.groups = groups or (None, None)
 
     def __call__(self, layer, q, k, v, rope=None, qk_norms=(None, None, 0.0)):
         kc, vc, slots, table, lens, rows = self.args
         cos, sin = rope if rope is not None else (None, None)
-        return torch.ops.npr.slot_decode(q, k, v, kc, vc, layer, slots, table, lens, rows, *qk_norms, cos, sin)
+        return torch.ops.npr.slot_decode(q, k, v, kc, vc, layer, slots, table, lens, rows, *qk_norms, cos, sin,
+                                         *self.groups)
 
 
-def decode_step(model, ids, pos, k_cache, v_cache, slots, table, lens, rows, head_only: bool = False):
+def decode_step(model, ids, pos, k_cache, v_cache, slots, table, lens, rows, head_only: bool = False, groups=None):
     """Logits of one decode step over the slot table (the function that is compiled): `compute_logits`, or with
     head_only the LM head's product in the model's dtype (the same values, not copied to float32)."""
-    hidden = model(ids, pos, SlotDecode(k_cache, v_cache, slots, table, lens, rows))
+    hidden = model(ids, pos, SlotDecode(k_cache, v_cache, slots, table, lens, rows, groups))
     return model.head_logits(hidden) if head_only else model.compute_logits(hidden)
 
 
@@ -137,9 +173,13 @@ class DecodeGraphs:
         self.buckets = sorted(b for b in buckets if max_batch is None or b <= max_batch)
         n = self.max_batch = self.buckets[-1]
         self.max_context = max_context
-        self.inputs = torch.zeros(5, n, dtype=torch.long, device=dev)
-        self.ids, self.pos, self.slots, self.lens, self.rows = self.inputs.unbind(0)
+        self.group_rows = rows_per_group(model.args.num_heads, model.args.num_kv_heads)  # rows a fork group holds
+        self.inputs = torch.zeros(7, n + 1, dtype=torch.long, device=dev)
+        views = self.inputs.unbind(0)  # views of the one buffer that a launch fills with one copy
+        self.ids, self.pos, self.slots, self.lens, self.rows, _, self.trunks = (x[:n] for x in views)
+        self.starts = views[5]
         self.rows.copy_(torch.arange(n))
+        self.starts.copy_(torch.arange(n + 1))
         # a table row per branch of two full batches (rows of the last step stay while new ones come), and
         # a scratch row that padding rows append into
         self.table = torch.zeros(2 * n + 1, max_context, dtype=torch.int32, device=dev)
@@ -156,11 +196,13 @@ class DecodeGraphs:
         self.reset_rows()
 
     def _step(self, b: int) -> None:
-        meta = self.inputs[2:, :b].to(torch.int32)  # slots, lens, rows: int32 for the Triton kernels
-        slots, lens, rows = meta.unbind(0)
+        meta = self.inputs[2:, :b + 1].to(torch.int32)  # int32 for the Triton kernels
+        slots, lens, rows, starts, trunks = meta.unbind(0)
+        slots, lens, rows, trunks = slots[:b], lens[:b], rows[:b], trunks[:b]
         self.table[torch.where(slots >= 0, rows, self.scratch), (lens - 1).clamp_min(0)] = slots
+        groups = (starts, trunks) if b >= FORK_GROUPS_FROM else None
         logits = self.logits[b] = self.forward(self.model, self.ids[:b], self.pos[:b], self.k, self.v, slots,
-                                               self.table, lens, rows, self.head_only)
+                                               self.table, lens, rows, self.head_only, groups)
         if self.sample and logits.is_cuda:  # one fused read of the logits (engine/triton_sampling.py)
             from engine.triton_sampling import gumbel_sample
 
@@ -204,7 +246,8 @@ class DecodeGraphs:
 
     def replay(self, n: int) -> int:
         """Run the step for rows [0, n) of the static buffers (rows n..bucket are made padding: slots -1,
-        lens 0). Returns the bucket used; results in tokens[:n], logprobs[:n]."""
+        lens 0; `starts` must then leave them groups of their own). Returns the bucket used; results in
+        tokens[:n], logprobs[:n]."""
         b = self.bucket(n)
         if b > n:
             self.slots[n:b].fill_(-1)
@@ -217,12 +260,19 @@ class DecodeGraphs:
         g.replay() if g is not None else self._step(b)
 
     # host -> device: one copy of every row's inputs, one of the table patches ---------------------
-    def _launch(self, n: int, rows: list[int], patches: tuple[list, list, list], fed=None) -> torch.Tensor:
+    def _launch(self, n: int, rows: list[int], patches: tuple[list, list, list], fed=None,
+                groups: tuple[list, list] = ((), ())) -> torch.Tensor:
         """rows: (id, pos, slot, len, table row) of the n real rows, flat; patches: table (rows, cols, slots);
-        fed: the rows' ids as a device tensor instead (a step launched before the host knows them)."""
-        host = np.empty((5, self.max_batch), dtype=np.int64)
-        host[:, :n] = np.array(rows, dtype=np.int64).reshape(n, 5).T
-        host[:, n:] = np.array([0, 0, -1, 0, self.scratch])[:, None]  # padding rows
+        fed: the rows' ids as a device tensor instead (a step launched before the host knows them); groups:
+        (first row, trunk) of each fork group, in row order (none: every row its own group)."""
+        host = np.empty((7, self.max_batch + 1), dtype=np.int64)
+        host[:5, :n] = np.array(rows, dtype=np.int64).reshape(n, 5).T
+        host[:5, n:] = np.array([0, 0, -1, 0, self.scratch])[:, None]  # padding rows
+        starts, trunks = groups if groups[0] else (range(n), [0] * n)
+        g = len(starts)
+        host[5, :g], host[6, :g] = starts, trunks
+        host[5, g:] = np.arange(n, n + self.max_batch + 1 - g)  # padding rows: groups of their own
+        host[6, g:] = 0
         self.inputs.copy_(torch.from_numpy(host), non_blocking=True)
         if fed is not None:
             self.ids[:n].copy_(fed)
@@ -273,6 +323,7 @@ class DecodeGraphs:
         if not independent(items):  # the launch would read K/V it is writing (a scheduler bug)
             raise RuntimeError("graph step: an item sees a segment this step extends; such items must wait for a "
                                "later step (Scheduler.split_headers)")
+        keys, trunks = [], []  # fork groups: consecutive branches under the same ancestors share a trunk
         for it in items:
             seg = it.req.segs[it.seg]
             kvs, start, length = it.kvs, it.start, it.length
@@ -294,11 +345,13 @@ class DecodeGraphs:
                 pc += range(n_anc + e[3], n_anc + n_own - 1)
                 ps += own[e[3]:n_own - 1]
             e[3], e[4] = n_own, step
+            keys.append(kvs[:-1] or None)
+            trunks.append(n_anc)
             if fed is None:
                 rows += (seg.tokens[start], seg.positions[start], own[start], length, e[0])
             else:
                 rows += (0, seg.positions[start - 1] + 1, own[start], length, e[0])
-        return self._launch(len(items), rows, (pr, pc, ps), fed)
+        return self._launch(len(items), rows, (pr, pc, ps), fed, fork_groups(keys, trunks, self.group_rows))
 
     def forget_last(self, req, seg: int, n_own: int) -> None:
         """A step ahead's token was given back (`LLM`): the branch's table row holds n_own own slots again."""

@@ -380,7 +380,7 @@ def test_graphs_take_forced_headers_one_token_per_forward(tiny, monkeypatch, spl
     plist = [params(seed=3, max_step_tokens=n, max_total_tokens=100, max_path_tokens=60) for n in (4, 7, 9, 13)]
     monkeypatch.setattr(llm_mod, "SPLIT_HEADERS", split)
     monkeypatch.setattr(llm_mod, "STEP_AHEAD", ahead)
-    runs, stats = [], []
+    runs, stats, group_sizes = [], [], []
     run_items = DecodeGraphs.run_items
 
     def checked(self, items, slots, fed=None):
@@ -389,7 +389,23 @@ def test_graphs_take_forced_headers_one_token_per_forward(tiny, monkeypatch, spl
         new = {slots[it.kvs[-1]][it.start] for it in items}
         for it in items:
             assert not new & set(it.context(eng.kv)[:-1]), (it.req.rid, it.seg)
-        return run_items(self, items, slots, fed)
+        out = run_items(self, items, slots, fed)
+        # fork groups (engine/triton_fork_attention.py reads a group's trunk once, from its first row): every row
+        # in exactly one group of consecutive rows, each row's context starting with the group's trunk
+        starts, trunks, r = self.starts.tolist(), self.trunks.tolist(), 0
+        for g, r0 in enumerate(starts):
+            if r0 >= len(items):
+                break
+            r1 = min(starts[g + 1], len(items))
+            assert r0 == r and 1 <= r1 - r0 <= self.group_rows
+            trunk = items[r0].context(eng.kv)[:trunks[g]]
+            for it in items[r0:r1]:
+                ctx = it.context(eng.kv)
+                assert ctx[:trunks[g]] == trunk and trunks[g] < len(ctx)
+            group_sizes.append(r1 - r0)
+            r = r1
+        assert r == len(items)
+        return out
 
     monkeypatch.setattr(DecodeGraphs, "run_items", checked)
     for graphs in (False, True):
@@ -402,6 +418,7 @@ def test_graphs_take_forced_headers_one_token_per_forward(tiny, monkeypatch, spl
         stats.append(eng.last_stats)
     eager = stats[1]["forwards"] - stats[1]["graph_steps"]
     assert eager == 1 if split else eager >= 3, stats  # split: the prefill only; else + the fork and joins
+    assert max(group_sizes) >= 3  # the branches of a fork (up to 5 here) decode as a group
     for a, b in zip(*runs):
         assert np.array_equal(a.ids(), b.ids()) and a.finish_reason == b.finish_reason
         assert a.num_forks >= 1

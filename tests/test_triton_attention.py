@@ -176,6 +176,64 @@ def test_fused_qk_norm_rope_matches_rotating_first(monkeypatch, splits, norm, in
         decode_attention(q, kc, vc, table=table, lens=lens, qk_norm_rope=(*weights, 1e-6, cos, sin))
 
 
+@pytest.mark.parametrize("dtype,hq", [(torch.bfloat16, 32), (torch.float32, 32), (torch.bfloat16, 16)])
+def test_fork_kernel_matches_per_row_kernel(dtype, hq, dev="cuda"):
+    """fork_decode_attention over groups of rows sharing a trunk == decode_attention row by row: the same output
+    (one online softmax per query vector, the trunk's tiles in another order) and the same cache writes. Groups
+    of every size up to the limit, trunks of 0 to a row's whole context but its new token, a group whose rows
+    reach past the launch, padding rows (slot -1, no context); bad arguments are refused."""
+    from engine.cuda_graphs import rows_per_group
+    from engine.triton_attention import decode_attention
+    from engine.triton_fork_attention import fork_decode_attention
+
+    gen = torch.Generator().manual_seed(11)
+    hkv, d = 8, 128
+    limit = rows_per_group(hq, hkv)
+    kc0 = torch.randn(6000, hkv, d, generator=gen).to(dev, dtype)
+    vc0 = torch.randn(6000, hkv, d, generator=gen).to(dev, dtype)
+    perm = torch.randperm(5000, generator=gen).tolist()
+    sizes, trunk_lens = [1, limit, 2, 3, limit, 1, 2], [0, 130, 64, 1, 300, 77, 0]
+    contexts, starts, trunks, new = [], [], [], 5000
+    for size, t in zip(sizes, trunk_lens):
+        trunk = [perm.pop() for _ in range(t)]
+        starts.append(len(contexts))
+        trunks.append(t)
+        for _ in range(size):
+            own = [perm.pop() for _ in range(int(torch.randint(0, 90, (1,), generator=gen)))]
+            contexts.append(trunk + own + [new])  # the new token last
+            new += 1
+    real = len(contexts)
+    rows = real + 3  # three padding rows: groups of their own
+    starts += list(range(real, real + 3)) + [rows + 5] * (rows + 1 - len(starts) - 3)
+    trunks += [0] * (rows - len(trunks))
+    table = torch.zeros(2 * rows, 512, dtype=torch.int32)
+    lens = torch.zeros(rows, dtype=torch.int32)
+    row_of = torch.randperm(2 * rows, generator=gen)[:rows].int()  # table rows, as the graphs keep them
+    for r, c in enumerate(contexts):
+        table[row_of[r], :len(c)] = torch.tensor(c, dtype=torch.int32)
+        lens[r] = len(c)
+    slots = torch.tensor([c[-1] for c in contexts] + [-1] * 3, dtype=torch.int32)
+    q = torch.randn(rows, hq, d, generator=gen).to(dev, dtype)
+    k = torch.randn(rows, hkv, d, generator=gen).to(dev, dtype)
+    v = torch.randn(rows, hkv, d, generator=gen).to(dev, dtype)
+    table, lens, row_of, slots = table.to(dev), lens.to(dev), row_of.to(dev), slots.to(dev)
+    st, tr = torch.tensor(starts, dtype=torch.int32, device=dev), torch.tensor(trunks, dtype=torch.int32, device=dev)
+    outs, caches = [], []
+    for fork in (False, True):
+        kc, vc = kc0.clone(), vc0.clone()
+        kw = dict(table=table, lens=lens, rows=row_of, new_kv=(k, v, slots))
+        out = (fork_decode_attention(q, kc, vc, starts=st, trunks=tr, **kw) if fork else
+               decode_attention(q, kc, vc, num_splits=1, **kw))
+        outs.append(out[:real])
+        caches.append((kc, vc))
+    assert torch.equal(caches[0][0], caches[1][0]) and torch.equal(caches[0][1], caches[1][1])
+    assert rel_err(outs[1], outs[0]) < (1e-5 if dtype == torch.float32 else 1e-2)
+    assert not outs[1].isnan().any()
+    with pytest.raises(ValueError, match="starts need R"):
+        fork_decode_attention(q, kc, vc, starts=st[:rows], trunks=tr, table=table, lens=lens, rows=row_of,
+                              new_kv=(k, v, slots))
+
+
 def test_backend_matches_torch_backend():
     """TritonPagedAttention == PagedAttention on a mixed forward: decodes, a forked pair, a small extend."""
     from engine.kv_store import KVStore
@@ -305,16 +363,21 @@ def test_llm_triton_backend_matches_torch_backend(tmp_path):
         torch.testing.assert_close(la, lb, rtol=1e-3, atol=1e-3, equal_nan=True)
 
 
-@pytest.mark.parametrize("dtype,ahead", [(torch.float32, False), (torch.bfloat16, False), (torch.float32, True)])
-def test_llm_cuda_graphs_match_eager(tmp_path, monkeypatch, dtype, ahead):
+@pytest.mark.parametrize("dtype,ahead,fork", [(torch.float32, False, False), (torch.bfloat16, False, False),
+                                               (torch.float32, True, False), (torch.float32, False, True)])
+def test_llm_cuda_graphs_match_eager(tmp_path, monkeypatch, dtype, ahead, fork):
     """EngineConfig.cuda_graphs: decode-only steps replay DecodeGraphs (fused projections, bucketed batch
     sizes, padding rows); trajectories equal the eager loop's (same Triton kernel), logprobs within tolerance.
-    ahead: with the engine loop's step ahead (`llm.STEP_AHEAD`: ids fed on the device, asynchronous)."""
+    ahead: with the engine loop's step ahead (`llm.STEP_AHEAD`: ids fed on the device, asynchronous); fork:
+    every bucket's attention through the fork-group kernel (`cuda_graphs.FORK_GROUPS_FROM`)."""
+    import engine.cuda_graphs as cg
     import engine.llm as llm_mod
     from engine import LLM
     from npr_async.config import EngineConfig
 
     monkeypatch.setattr(llm_mod, "STEP_AHEAD", ahead)
+    if fork:
+        monkeypatch.setattr(cg, "FORK_GROUPS_FROM", 1)
     d, prompts, p = forked_greedy_workload(tmp_path)
     runs = []
     for graphs in (False, True):
