@@ -103,7 +103,8 @@ def main() -> int:
                     "without forks, prompt 128 + branch 512 + 8 = 648, or the context if longer)")
     ap.add_argument("--fork-kernel", default="0", help="comma-separated: 1 = engine/triton_fork_attention.py (a forkK@T "
                     "layout's groups read their trunk once; other layouts: every row its own group), after the q/k "
-                    "kernel when --rotate 1, as the engine's big buckets; 0 = the per-row kernel (the sweep's configs)")
+                    "kernel when --rotate 1, as the engine's big buckets (its launch takes the sweep's block_n, warps and "
+                    "stages; splits are the per-row kernel's only); 0 = the per-row kernel")
     ap.add_argument("--out", required=True)
     a = ap.parse_args()
     calls = a.call.split(",")
@@ -147,7 +148,7 @@ def main() -> int:
                               dtype=torch.int32, device=dev)
         trunks = torch.full((rows,), trunk, dtype=torch.int32, device=dev)
         runs = [(fk, cfg) for fk in map(int, a.fork_kernel.split(",")) for cfg in
-                ([dflt_cfg] if a.defaults or fk else configs)]
+                ([dflt_cfg] if a.defaults else configs)]
         for how, rot, (fk, (s, bn, w, st)) in itertools.product(calls, rotations, runs):
             rotate = (*norms, 1e-6, cos, sin) if rot else None
 
@@ -165,7 +166,8 @@ def main() -> int:
                     kn, vn, sl = kw["new_kv"]
                     qk = rotate_q_k(kw["q"], kn, *rotate)
                     kw = dict(kw, q=qk[:, :hq], new_kv=(qk[:, hq:], vn, sl))
-                return fork_decode_attention(k_cache=kc, v_cache=vc, starts=starts, trunks=trunks, **kw)
+                return fork_decode_attention(k_cache=kc, v_cache=vc, starts=starts, trunks=trunks, block_n=bn,
+                                             num_warps=w, num_stages=st, **kw)
             ref = decode_attention(q, kc, vc, table=table, lens=lens, new_kv=writes[id(table)], qk_norm_rope=rotate)
             try:
                 err = (call(table).float() - ref.float()).abs().max().item()
