@@ -9,8 +9,9 @@ Inputs live in static device buffers that the caller fills in place:
       rows                            its row of the slot table (at first row r for batch row r)
       starts / trunks                 fork groups (engine/triton_fork_attention.py): group g's first row, then
                                       any values >= the batch; the table entries its rows share (at first
-                                      every row its own group, trunk 0). Read by buckets of FORK_GROUPS_FROM
-                                      rows or more, whose attention reads a group's trunk once
+                                      every row its own group, trunk 0). Buckets of FORK_GROUPS_FROM rows or
+                                      more have a second graph whose attention reads a group's trunk once;
+                                      a step replays it when most of its rows are in groups of two or more
     table      [table_rows, W] int32  context slots per table row, in order (shared trunk slots repeat per
                                       row); a replay first appends each row's new slot at table[rows, lens - 1]
     temperature [max_batch] f32       0 = greedy
@@ -31,7 +32,8 @@ from engine.qk_rope import reference
 from engine.scheduler import independent
 
 DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512)
-# Buckets from this many rows use the fork-group attention kernel (below it, the launch that rotates q / k itself).
+# Buckets from this many rows also get a graph with the fork-group attention kernel (engine/triton_fork_attention.py);
+# below it the per-row launch, which rotates q / k itself, is faster even for groups (fewer programs than SMs).
 FORK_GROUPS_FROM = 128
 
 
@@ -188,20 +190,26 @@ class DecodeGraphs:
         self.tokens = torch.zeros(n, dtype=torch.long, device=dev)
         self.logprobs = torch.zeros(n, dtype=torch.float32, device=dev)
         self.seed = torch.randint(1 << 62, (1,), device=dev)  # the fused sampler's Philox seed, bumped per replay
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.sample, self.logits = sample, {}  # bucket -> the graph's own logits output
+        self.graphs: dict[tuple[int, bool], torch.cuda.CUDAGraph] = {}  # (bucket, fork-group attention) -> graph
+        self.sample, self.logits, self.outputs = sample, {}, {}  # bucket -> the last replay's logits; per graph
         # the in-graph sampler reads the LM head's bf16 output directly, unless the model's compute_logits is
         # not the plain one (a wrapper or subclass that changes the logits, e.g. masks tokens)
         self.head_only = sample and type(model).compute_logits is CausalLM.compute_logits
         self.reset_rows()
 
-    def _step(self, b: int) -> None:
+    @staticmethod
+    def variants(b: int) -> tuple[bool, ...]:
+        """Attention kernels a bucket is captured with: the per-row one, and from FORK_GROUPS_FROM rows the
+        fork-group one too (a step takes it when most of its rows share a trunk with others)."""
+        return (False, True) if b >= FORK_GROUPS_FROM else (False,)
+
+    def _step(self, b: int, fork: bool = False) -> None:
         meta = self.inputs[2:, :b + 1].to(torch.int32)  # int32 for the Triton kernels
         slots, lens, rows, starts, trunks = meta.unbind(0)
         slots, lens, rows, trunks = slots[:b], lens[:b], rows[:b], trunks[:b]
         self.table[torch.where(slots >= 0, rows, self.scratch), (lens - 1).clamp_min(0)] = slots
-        groups = (starts, trunks) if b >= FORK_GROUPS_FROM else None
-        logits = self.logits[b] = self.forward(self.model, self.ids[:b], self.pos[:b], self.k, self.v, slots,
+        groups = (starts, trunks) if fork else None
+        logits = self.logits[b] = self.outputs[b, fork] = self.forward(self.model, self.ids[:b], self.pos[:b], self.k, self.v, slots,
                                                self.table, lens, rows, self.head_only, groups)
         if self.sample and logits.is_cuda:  # one fused read of the logits (engine/triton_sampling.py)
             from engine.triton_sampling import gumbel_sample
@@ -228,14 +236,16 @@ class DecodeGraphs:
         s.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(s):  # warm-up off the capture stream: Triton compiles, cuBLAS picks
             for b in reversed(self.buckets):
-                self._step(b)
+                for fork in self.variants(b):
+                    self._step(b, fork)
         torch.cuda.current_stream().wait_stream(s)
         for b in reversed(self.buckets):
-            g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g, pool=pool):
-                self._step(b)
-            pool = g.pool() if pool is None else pool
-            self.graphs[b] = g
+            for fork in self.variants(b):
+                g = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(g, pool=pool):
+                    self._step(b, fork)
+                pool = g.pool() if pool is None else pool
+                self.graphs[b, fork] = g
         torch.cuda.synchronize()
 
     def bucket(self, n: int) -> int:
@@ -244,20 +254,24 @@ class DecodeGraphs:
                 return b
         raise ValueError(f"batch {n} exceeds the largest captured bucket {self.max_batch}")
 
-    def replay(self, n: int) -> int:
+    def replay(self, n: int, fork: bool = False) -> int:
         """Run the step for rows [0, n) of the static buffers (rows n..bucket are made padding: slots -1,
         lens 0; `starts` must then leave them groups of their own). Returns the bucket used; results in
-        tokens[:n], logprobs[:n]."""
+        tokens[:n], logprobs[:n]. fork: through the fork-group attention kernel, where the bucket has it."""
         b = self.bucket(n)
         if b > n:
             self.slots[n:b].fill_(-1)
             self.lens[n:b].fill_(0)
-        self._replay(b)
+        self._replay(b, fork)
         return b
 
-    def _replay(self, b: int) -> None:
-        g = self.graphs.get(b)
-        g.replay() if g is not None else self._step(b)
+    def _replay(self, b: int, fork: bool = False) -> None:
+        fork = fork and fork in self.variants(b)
+        g = self.graphs.get((b, fork))
+        if g is None:
+            return self._step(b, fork)
+        g.replay()
+        self.logits[b] = self.outputs[b, fork]
 
     # host -> device: one copy of every row's inputs, one of the table patches ---------------------
     def _launch(self, n: int, rows: list[int], patches: tuple[list, list, list], fed=None,
@@ -270,6 +284,8 @@ class DecodeGraphs:
         host[:5, n:] = np.array([0, 0, -1, 0, self.scratch])[:, None]  # padding rows
         starts, trunks = groups if groups[0] else (range(n), [0] * n)
         g = len(starts)
+        alone = sum(1 for i in range(g) if (starts[i + 1] if i + 1 < g else n) - starts[i] == 1)
+        fork = 2 * (n - alone) >= n  # most rows share their trunk: the fork-group kernel reads it once a group
         host[5, :g], host[6, :g] = starts, trunks
         host[5, g:] = np.arange(n, n + self.max_batch + 1 - g)  # padding rows: groups of their own
         host[6, g:] = 0
@@ -280,7 +296,7 @@ class DecodeGraphs:
             p = torch.from_numpy(np.array(patches, dtype=np.int32)).to(self.table.device, non_blocking=True)
             self.table[p[0], p[1]] = p[2]
         b = self.bucket(n)
-        self._replay(b)
+        self._replay(b, fork)
         return self.logits[b][:n]
 
     def run(self, ids: list[int], pos: list[int], contexts: list[list[int]]) -> torch.Tensor:

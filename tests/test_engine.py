@@ -392,7 +392,7 @@ def test_graphs_take_forced_headers_one_token_per_forward(tiny, monkeypatch, spl
         out = run_items(self, items, slots, fed)
         # fork groups (engine/triton_fork_attention.py reads a group's trunk once, from its first row): every row
         # in exactly one group of consecutive rows, each row's context starting with the group's trunk
-        starts, trunks, r = self.starts.tolist(), self.trunks.tolist(), 0
+        starts, trunks, r, grouped = self.starts.tolist(), self.trunks.tolist(), 0, 0
         for g, r0 in enumerate(starts):
             if r0 >= len(items):
                 break
@@ -403,11 +403,24 @@ def test_graphs_take_forced_headers_one_token_per_forward(tiny, monkeypatch, spl
                 ctx = it.context(eng.kv)
                 assert ctx[:trunks[g]] == trunk and trunks[g] < len(ctx)
             group_sizes.append(r1 - r0)
+            grouped += r1 - r0 if r1 - r0 > 1 else 0
             r = r1
         assert r == len(items)
+        # the step took the fork-group graph (every bucket has one here) iff most of its rows are in groups
+        assert kernels[-1] == (2 * grouped >= len(items))
         return out
 
     monkeypatch.setattr(DecodeGraphs, "run_items", checked)
+    import engine.cuda_graphs as cg
+
+    monkeypatch.setattr(cg, "FORK_GROUPS_FROM", 1)  # every bucket has a fork-group graph
+    step, kernels = DecodeGraphs._step, []
+
+    def which(self, b, fork=False):  # off the GPU each replay runs the step: record the kernel it takes
+        kernels.append(fork)
+        return step(self, b, fork)
+
+    monkeypatch.setattr(DecodeGraphs, "_step", which)
     for graphs in (False, True):
         eng = LLM(llm.model, llm.tokenizer, EngineConfig(kv_slots=2000, max_batch_tokens=512))
         if graphs:
@@ -419,6 +432,7 @@ def test_graphs_take_forced_headers_one_token_per_forward(tiny, monkeypatch, spl
     eager = stats[1]["forwards"] - stats[1]["graph_steps"]
     assert eager == 1 if split else eager >= 3, stats  # split: the prefill only; else + the fork and joins
     assert max(group_sizes) >= 3  # the branches of a fork (up to 5 here) decode as a group
+    assert any(kernels) and not all(kernels)
     for a, b in zip(*runs):
         assert np.array_equal(a.ids(), b.ids()) and a.finish_reason == b.finish_reason
         assert a.num_forks >= 1
