@@ -44,6 +44,13 @@ def slot_table(layout: str, rows: int, ctx: int, num_slots: int, dev) -> torch.T
         runs = -(-ctx // n)
         starts = torch.randperm(num_slots // n, device=dev)[:rows * runs].view(rows, runs, 1) * n
         return (starts + torch.arange(n, device=dev)).view(rows, runs * n)[:, :ctx].int()
+    if layout.startswith("lfork"):  # as forkK@T, but laid out as a fresh pool fills: each trunk one run, the
+        # branches' own slots interleaved (one slot per row per step)
+        k, trunk = (int(x) for x in layout[5:].split("@"))
+        groups, own = rows // k, ctx - trunk
+        shared = (torch.arange(groups, device=dev)[:, None] * trunk + torch.arange(trunk, device=dev)).repeat_interleave(k, 0)
+        mine = groups * trunk + torch.arange(own, device=dev)[None, :] * rows + torch.arange(rows, device=dev)[:, None]
+        return torch.cat([shared, mine], 1).int()
     if layout.startswith("fork"):  # forkK@T: groups of K rows (branches) share their first T slots (the trunk)
         k, trunk = (int(x) for x in layout[4:].split("@"))
         if not 0 <= trunk < ctx or rows % k:
@@ -143,7 +150,7 @@ def main() -> int:
         norms = torch.rand(2, d, device=dev, dtype=torch.bfloat16) + 0.5
         configs = list(itertools.product(*(map(int, x.split(",")) for x in (a.splits, a.block_n, a.warps, a.stages))))
         rotations = [int(r) for r in a.rotate.split(",")]
-        k, trunk = (int(x) for x in layout[4:].split("@")) if layout.startswith("fork") else (1, 0)
+        k, trunk = (int(x) for x in layout.split("fork")[1].split("@")) if "fork" in layout else (1, 0)
         starts = torch.tensor(list(range(0, rows, k)) + [rows] * (rows + 1 - len(range(0, rows, k))),
                               dtype=torch.int32, device=dev)
         trunks = torch.full((rows,), trunk, dtype=torch.int32, device=dev)

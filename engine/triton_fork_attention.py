@@ -26,6 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
+from engine.triton_attention import default_block_n, default_stages
+
 
 @triton.jit
 def _fork_decode_kernel(q_ptr, kc_ptr, vc_ptr, rows_ptr, len_ptr, table_ptr, out_ptr, kn_ptr, vn_ptr, slot_ptr,
@@ -101,8 +103,8 @@ def _fork_decode_kernel(q_ptr, kc_ptr, vc_ptr, rows_ptr, len_ptr, table_ptr, out
 
 def fork_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, *, table: torch.Tensor,
                           lens: torch.Tensor, rows: torch.Tensor, new_kv: tuple, starts: torch.Tensor,
-                          trunks: torch.Tensor, out: torch.Tensor | None = None, block_n: int = 64,
-                          num_warps: int = 4, num_stages: int = 3) -> torch.Tensor:
+                          trunks: torch.Tensor, out: torch.Tensor | None = None, block_n: int | None = None,
+                          num_warps: int = 4, num_stages: int | None = None) -> torch.Tensor:
     """q [R, Hq, D] (normed and rotated); caches [S, Hkv, D]; row r's context: `table[rows[r], :lens[r]]`, its
     last entry its new token, whose k / v come in new_kv = (k [R, Hkv, D], v [R, Hkv, D], slots int32 [R]) and are
     written to `slots[r]` (< 0: a padding row, which must have no context: lens 0). Groups: int32 `starts` [>= G + 1] (first rows, ascending, then any
@@ -125,6 +127,10 @@ def fork_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
         return out
     group = hq // hkv
     block_m = max(16, triton.next_power_of_2(group))
+    # the per-row kernel's tile rule for the batch (128 x 2 stages at 384 rows): bench/attention.py's fork numbers
+    # (session 12) were taken with it, the first rollout run with 64 x 3
+    block_n = block_n or default_block_n(r, hkv)
+    num_stages = num_stages or default_stages(r, hkv)
     _fork_decode_kernel[(r, hkv)](
         q, k_cache, v_cache, rows, lens, table, out, k_new, v_new, new_slots, starts, trunks, r,
         math.log2(math.e) / math.sqrt(d), q.stride(0), q.stride(1), out.stride(0), out.stride(1), table.stride(0),
