@@ -26,8 +26,6 @@ import torch
 import triton
 import triton.language as tl
 
-from engine.triton_attention import default_block_n, default_stages
-
 
 @triton.jit
 def _fork_decode_kernel(q_ptr, kc_ptr, vc_ptr, rows_ptr, len_ptr, table_ptr, out_ptr, kn_ptr, vn_ptr, slot_ptr,
@@ -46,10 +44,11 @@ def _fork_decode_kernel(q_ptr, kc_ptr, vc_ptr, rows_ptr, len_ptr, table_ptr, out
         # the program's walk (the trunk first, then each row's own entries in turn)
         jr = tl.arange(0, MAX_ROWS)
         jlive = jr < nr
-        base = tl.load(rows_ptr + r0 + jr, mask=jlive, other=0).to(tl.int64) * table_stride
+        base = tl.load(rows_ptr + r0 + jr, mask=jlive, other=0) * table_stride  # int32: the table < 2^31 entries
         n_own = tl.maximum(tl.load(len_ptr + r0 + jr, mask=jlive, other=0) - trunk, 0)
         ends = tl.cumsum(n_own, 0)
         begins = ends - n_own
+        shift = base + trunk - begins  # walk position past the trunk -> its table entry: shift[row] + rel
         # the new tokens' k / v go to the cache first (this program's KV head); only their own row's query
         # vectors, all in this program, read them, after the barrier
         kv_new = kvh * D + offs_d[None, :]  # [1, D]: broadcast over the rows
@@ -78,10 +77,9 @@ def _fork_decode_kernel(q_ptr, kc_ptr, vc_ptr, rows_ptr, len_ptr, table_ptr, out
             nmask = pos < total
             in_trunk = pos < trunk
             rel = pos - trunk
-            row = tl.sum((rel[:, None] >= ends[None, :]).to(tl.int32), 1)  # whose own entry (past the trunk)
-            pick = row[:, None] == jr[None, :]
-            col = trunk + rel - tl.sum(tl.where(pick, begins[None, :], 0), 1)
-            at = tl.where(in_trunk, first + pos, tl.sum(tl.where(pick, base[None, :], 0), 1) + col)
+            pick = (rel[:, None] >= begins[None, :]) & (rel[:, None] < ends[None, :])  # whose own entry it is
+            row = tl.sum(tl.where(pick, jr[None, :], 0), 1)  # (trunk and past-the-end positions: 0, masked)
+            at = tl.where(in_trunk, first + pos, tl.sum(tl.where(pick, shift[None, :], 0), 1) + rel)
             slots = tl.load(table_ptr + at, mask=nmask, other=0).to(tl.int64)
             kv_off = slots[:, None] * KV_ROW + kvh * D + offs_d[None, :]
             k = tl.load(kc_ptr + kv_off, mask=nmask[:, None], other=0.0)
@@ -118,19 +116,21 @@ def fork_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
         k_new = k_new.contiguous()
     if v_new.stride(1) != 1:
         v_new = v_new.contiguous()
-    if hq % hkv or q.stride(2) != 1 or table.stride(1) != 1 or len(starts) < r + 1 or len(trunks) < r:
+    if (hq % hkv or q.stride(2) != 1 or table.stride(1) != 1 or len(starts) < r + 1 or len(trunks) < r
+            or table.numel() >= 1 << 31):
         raise ValueError(f"fork_decode_attention: q {tuple(q.shape)} over {hkv} KV heads, table strides "
                          f"{table.stride()}, {len(starts)} starts and {len(trunks)} trunks for {r} rows (starts "
-                         "need R + 1 entries, trunks R)")
+                         f"need R + 1 entries, trunks R), a table of {table.numel()} entries (fewer than 2^31)")
     out = torch.empty_like(q) if out is None else out
     if r == 0:
         return out
     group = hq // hkv
     block_m = max(16, triton.next_power_of_2(group))
-    # the per-row kernel's tile rule for the batch (128 x 2 stages at 384 rows): bench/attention.py's fork numbers
-    # (session 12) were taken with it, the first rollout run with 64 x 3
-    block_n = block_n or default_block_n(r, hkv)
-    num_stages = num_stages or default_stages(r, hkv)
+    # 64-slot tiles in 3 stages: 125-127 registers for sm_90 (bench/triton_resources.py), so 4 programs per SM
+    # like the per-row kernel; 128 x 2 takes 184-188. (Session 12's rollout run had 194 at 64 x 3 before the
+    # walk's table lookup went int32 with one select, and no gain.)
+    block_n = block_n or 64
+    num_stages = num_stages or 3
     _fork_decode_kernel[(r, hkv)](
         q, k_cache, v_cache, rows, lens, table, out, k_new, v_new, new_slots, starts, trunks, r,
         math.log2(math.e) / math.sqrt(d), q.stride(0), q.stride(1), out.stride(0), out.stride(1), table.stride(0),
