@@ -48,7 +48,8 @@ def slot_table(layout: str, rows: int, ctx: int, num_slots: int, dev) -> torch.T
         # branches' own slots interleaved (one slot per row per step)
         k, trunk = (int(x) for x in layout[5:].split("@"))
         groups, own = rows // k, ctx - trunk
-        shared = (torch.arange(groups, device=dev)[:, None] * trunk + torch.arange(trunk, device=dev)).repeat_interleave(k, 0)
+        shared = torch.arange(groups, device=dev)[:, None] * trunk + torch.arange(trunk, device=dev)
+        shared = shared.repeat_interleave(k, 0)
         mine = groups * trunk + torch.arange(own, device=dev)[None, :] * rows + torch.arange(rows, device=dev)[:, None]
         return torch.cat([shared, mine], 1).int()
     if layout.startswith("fork"):  # forkK@T: groups of K rows (branches) share their first T slots (the trunk)
@@ -108,10 +109,10 @@ def main() -> int:
                     "through a rows tensor (session 9: a change measured faster with 'bench' was slower in the engine)")
     ap.add_argument("--table-width", type=int, default=0, help="the engine call's table width (0: bench/engine.py's "
                     "without forks, prompt 128 + branch 512 + 8 = 648, or the context if longer)")
-    ap.add_argument("--fork-kernel", default="0", help="comma-separated: 1 = engine/triton_fork_attention.py (a forkK@T "
-                    "layout's groups read their trunk once; other layouts: every row its own group), after the q/k "
-                    "kernel when --rotate 1, as the engine's big buckets (its launch takes the sweep's block_n, warps and "
-                    "stages; splits are the per-row kernel's only); 0 = the per-row kernel")
+    ap.add_argument("--fork-kernel", default="0", help="comma-separated: 1 = engine/triton_fork_attention.py (a "
+                    "forkK@T layout's groups read their trunk once; other layouts: every row its own group), after "
+                    "the q/k kernel when --rotate 1, as the engine's big buckets (its launch takes the sweep's "
+                    "block_n, warps and stages; splits are the per-row kernel's only); 0 = the per-row kernel")
     ap.add_argument("--out", required=True)
     a = ap.parse_args()
     calls = a.call.split(",")
@@ -192,12 +193,14 @@ def main() -> int:
                                     "max_err": err})
         res["cases"].append(case)
         for how, rot, fk in itertools.product(calls, rotations, map(int, a.fork_kernel.split(","))):
-            ok = [c for c in case["configs"] if "us" in c and c["rotate"] == rot and c["call"] == how and c["fork"] == fk]
+            ok = [c for c in case["configs"]
+                  if "us" in c and c["rotate"] == rot and c["call"] == how and c["fork"] == fk]
             best = min(ok, key=lambda c: c["us"])
             dflt = next((c for c in ok if (c["splits"], c["block_n"], c["warps"], c["stages"]) == dflt_cfg), None)
             tag = f"rotate{rot}" + ("" if how == "bench" else f"_{how}") + ("_fork" if fk else "")
             case[f"best_{tag}"], case[f"default_{tag}"] = best, dflt
-            print(f"rows {rows} ctx {ctx} {layout} rotate {rot} call {how} fork kernel {fk}: copy {copy_gbs:.0f} GB/s | default "
+            print(f"rows {rows} ctx {ctx} {layout} rotate {rot} call {how} fork kernel {fk}: copy {copy_gbs:.0f} GB/s"
+                  " | default "
                   f"{dflt and round(dflt['gbs'])} GB/s, unique {dflt and round(dflt['unique_gbs'])} "
                   f"({dflt and round(dflt['us'], 1)} us) | best {best['gbs']:.0f} GB/s "
                   f"({best['us']:.1f} us) splits {best['splits']} block_n {best['block_n']} warps {best['warps']} "

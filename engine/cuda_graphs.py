@@ -209,8 +209,9 @@ class DecodeGraphs:
         slots, lens, rows, trunks = slots[:b], lens[:b], rows[:b], trunks[:b]
         self.table[torch.where(slots >= 0, rows, self.scratch), (lens - 1).clamp_min(0)] = slots
         groups = (starts, trunks) if fork else None
-        logits = self.logits[b] = self.outputs[b, fork] = self.forward(self.model, self.ids[:b], self.pos[:b], self.k, self.v, slots,
-                                               self.table, lens, rows, self.head_only, groups)
+        logits = self.forward(self.model, self.ids[:b], self.pos[:b], self.k, self.v, slots, self.table, lens, rows,
+                              self.head_only, groups)
+        self.logits[b] = self.outputs[b, fork] = logits
         if self.sample and logits.is_cuda:  # one fused read of the logits (engine/triton_sampling.py)
             from engine.triton_sampling import gumbel_sample
 

@@ -105,9 +105,10 @@ def fork_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
                           num_warps: int = 4, num_stages: int | None = None) -> torch.Tensor:
     """q [R, Hq, D] (normed and rotated); caches [S, Hkv, D]; row r's context: `table[rows[r], :lens[r]]`, its
     last entry its new token, whose k / v come in new_kv = (k [R, Hkv, D], v [R, Hkv, D], slots int32 [R]) and are
-    written to `slots[r]` (< 0: a padding row, which must have no context: lens 0). Groups: int32 `starts` [>= G + 1] (first rows, ascending, then any
-    values >= R; a group holds at most `cuda_graphs.rows_per_group` rows) and `trunks` [>= G] (table entries its rows share,
-    fewer than each one's length). Returns [R, Hq, D] in q's dtype, as `decode_attention` would."""
+    written to `slots[r]` (< 0: a padding row, which must have no context: lens 0). Groups: int32 `starts`
+    [>= G + 1] (first rows, ascending, then any values >= R; a group holds at most `cuda_graphs.rows_per_group`
+    rows) and `trunks` [>= G] (table entries its rows share, fewer than each one's length). Returns [R, Hq, D] in
+    q's dtype, as `decode_attention` would."""
     r, hq, d = q.shape
     hkv = k_cache.shape[1]
     k_new, v_new, new_slots = new_kv
@@ -136,6 +137,7 @@ def fork_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
         math.log2(math.e) / math.sqrt(d), q.stride(0), q.stride(1), out.stride(0), out.stride(1), table.stride(0),
         k_new.stride(0), v_new.stride(0),
         KV_ROW=hkv * d, GROUP=group, BLOCK_M=block_m, MAX_ROWS=max(2, triton.next_power_of_2(block_m // group)),
-        D=d, BLOCK_N=block_n, PREC="ieee" if q.dtype == torch.float32 else "tf32", num_warps=num_warps, num_stages=num_stages)
+        D=d, BLOCK_N=block_n, PREC="ieee" if q.dtype == torch.float32 else "tf32", num_warps=num_warps,
+        num_stages=num_stages)
     return out
 
