@@ -16,6 +16,8 @@ as steady state.
 from __future__ import annotations
 
 import argparse
+import functools
+import gc
 import json
 import sys
 import time
@@ -41,6 +43,8 @@ def main(argv=None) -> int:
     p.add_argument("--calls", type=int, default=4, help="calls per --compile value, the first one warm-up")
     p.add_argument("--compile", default="0", help="engine.compile_graphs values to run, e.g. 0,1")
     p.add_argument("--profile", type=int, default=0, help="1: one more call under the torch profiler")
+    p.add_argument("--cprofile", type=int, default=0,
+                   help="1: one more call under cProfile (the host's share): top functions to stdout and --out")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--run-dir", default="/tmp/bench_rollout")
     p.add_argument("--out", required=True)
@@ -70,18 +74,20 @@ def main(argv=None) -> int:
         params = [msgspec.structs.replace(base, seed=k * 100_003 + j) for j in range(len(prompts))]
         sync()
         t = time.perf_counter()
-        out = llm.generate(prompts, params, on_finished=lambda i, traj: None, max_running=a.samples)
-        sync()
+        with GcPauses() as pauses:
+            out = llm.generate(prompts, params, on_finished=lambda i, traj: None, max_running=a.samples)
+            sync()
         wall = time.perf_counter() - t
         rec = {"compile": compiled, "call": k, "wall_s": wall, **llm.last_stats,
                "ms_per_forward": 1e3 * wall / llm.last_stats["forwards"],
                "tokens_per_s": sum(x.num_tokens for x in out) / wall,
-               "tokens_per_sample": sum(x.num_tokens for x in out) / len(out)}
+               "tokens_per_sample": sum(x.num_tokens for x in out) / len(out), "gc": pauses.by_generation}
         res["calls"].append(rec)
         Path(a.out).write_text(json.dumps(res, indent=1))
         print(f"compile={int(compiled)} call {k}{' (warm-up)' if k == 0 else ''}: {wall:.3f} s, "
               f"{rec['forwards']} forwards ({rec['graph_steps']} graph, {rec['steps_ahead']} ahead), "
-              f"{rec['ms_per_forward']:.2f} ms each, {rec['tokens_per_s']:,.0f} tok/s", flush=True)
+              f"{rec['ms_per_forward']:.2f} ms each, {rec['tokens_per_s']:,.0f} tok/s; garbage collector "
+              + ", ".join(f"gen{g} {n}x {ms:.1f} ms" for g, (n, ms) in sorted(pauses.by_generation.items())), flush=True)
         return wall, rec
 
     for compiled in (bool(int(v)) for v in a.compile.split(",")):
@@ -107,8 +113,46 @@ def main(argv=None) -> int:
             print(f"  GPU busy {busy:.0f} ms of {wall * 1e3:.0f} ({busy / (wall * 1e3):.0%}), "
                   f"{busy / rec['forwards']:.2f} ms per forward; top: "
                   + ", ".join(f"{k[:40]} {v:.0f}" for k, v in list(rec["top_kernels_ms"].items())[:4]), flush=True)
+        if a.cprofile:
+            res["calls"][-1]["cprofile"] = host_profile(functools.partial(call, llm, a.calls + a.profile, compiled))
+            Path(a.out).write_text(json.dumps(res, indent=1))
         del llm
     return 0
+
+
+class GcPauses:
+    """The garbage collector's pauses while in the block: {generation: [collections, ms]}."""
+
+    def __enter__(self):
+        self.by_generation, self._t0 = {}, 0.0
+        gc.callbacks.append(self._on_gc)
+        return self
+
+    def __exit__(self, *exc):
+        gc.callbacks.remove(self._on_gc)
+
+    def _on_gc(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._t0 = time.perf_counter()
+        else:
+            rec = self.by_generation.setdefault(info["generation"], [0, 0.0])
+            rec[0] += 1
+            rec[1] += 1e3 * (time.perf_counter() - self._t0)
+
+
+def host_profile(run, top: int = 30) -> str:
+    """`run()` under cProfile: the functions with the most own time, printed and returned as text."""
+    import cProfile
+    import io
+    import pstats
+
+    prof = cProfile.Profile()
+    prof.runcall(run)
+    text = io.StringIO()
+    pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(top)
+    stats = text.getvalue()
+    print(stats, flush=True)
+    return stats
 
 
 def attention_by_grid(prof) -> dict:

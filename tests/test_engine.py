@@ -589,3 +589,30 @@ def test_compile_graphs_comes_from_the_config_unless_given(tiny):
     for cfg, arg, want in [(False, None, False), (True, None, True), (True, False, False), (False, True, True)]:
         got = LLM(llm.model, llm.tokenizer, EngineConfig(kv_slots=64, compile_graphs=cfg), compile_graphs=arg)
         assert got.compile_graphs is want
+
+
+def test_first_call_freezes_the_heap_once(tiny):
+    """`freeze_heap` (on by default on a GPU): the first generate call collects and moves the objects then alive
+    into the permanent generation; later calls freeze nothing more (their objects stay collectable), and the
+    trajectories are those of an engine that never froze."""
+    import gc
+
+    d, hf, ref = tiny
+    llm = LLM(d, config=EngineConfig(kv_slots=4096, max_batch_tokens=512))
+    llm.update_weights(hf.state_dict().items(), version=1)
+    assert not llm.freeze_heap  # off on the CPU unless asked
+    llm.freeze_heap = True
+    gc.unfreeze()
+    try:
+        first = llm.generate(PROMPTS[:3], params(), version=1)
+        frozen = gc.get_freeze_count()
+        assert frozen > 10_000  # the model, tokenizer and imported modules
+        garbage = [[] for _ in range(1000)]  # a second call must not freeze what exists by then
+        second = llm.generate(PROMPTS[:3], params(), version=1)
+        assert gc.get_freeze_count() <= frozen
+        del garbage
+    finally:
+        gc.unfreeze()
+    expect = ref.generate(PROMPTS[:3], params(), version=1)
+    for a, b, c in zip(first, second, expect):
+        assert np.array_equal(a.ids(), b.ids()) and np.array_equal(a.ids(), c.ids())
