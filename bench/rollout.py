@@ -5,7 +5,8 @@ Builds the model the way `bench/e2e.py` does (a random-init `--shape`, `--force-
 `--samples` samples (the config's prompts, `rollout.samples_per_prompt` copies each, one seed per sample) with
 `max_running=--samples` and a trajectory callback, like the generator's one call per step. Each call's forwards,
 graph replays, steps ahead and milliseconds per forward go to stdout and `--out`; `--profile 1` adds the GPU's
-busy time and its top kernels for one more call (is the loop host- or GPU-bound?).
+busy time and its top kernels for one more call (is the loop host- or GPU-bound?). Every call reports the
+garbage collector's pauses by generation; `--cprofile 1` runs one more call under cProfile (the host's top functions).
 
     python3 bench/rollout.py --config configs/bench_2gpu.yaml --shape qwen3-0.6b --force-plans 4 \
         --samples 96 --calls 4 --compile 0,1 --out $OUT/rollout.json
@@ -87,7 +88,8 @@ def main(argv=None) -> int:
         print(f"compile={int(compiled)} call {k}{' (warm-up)' if k == 0 else ''}: {wall:.3f} s, "
               f"{rec['forwards']} forwards ({rec['graph_steps']} graph, {rec['steps_ahead']} ahead), "
               f"{rec['ms_per_forward']:.2f} ms each, {rec['tokens_per_s']:,.0f} tok/s; garbage collector "
-              + ", ".join(f"gen{g} {n}x {ms:.1f} ms" for g, (n, ms) in sorted(pauses.by_generation.items())), flush=True)
+              + ", ".join(f"gen{g} {n}x {ms:.1f} ms" for g, (n, ms) in sorted(pauses.by_generation.items())),
+              flush=True)
         return wall, rec
 
     for compiled in (bool(int(v)) for v in a.compile.split(",")):
