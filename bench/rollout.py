@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import gc
 import json
 import sys
 import time
@@ -31,6 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench import e2e  # noqa: E402
+from engine.gc_pauses import GcPauses  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -120,26 +120,6 @@ def main(argv=None) -> int:
             Path(a.out).write_text(json.dumps(res, indent=1))
         del llm
     return 0
-
-
-class GcPauses:
-    """The garbage collector's pauses while in the block: {generation: [collections, ms]}."""
-
-    def __enter__(self):
-        self.by_generation, self._t0 = {}, 0.0
-        gc.callbacks.append(self._on_gc)
-        return self
-
-    def __exit__(self, *exc):
-        gc.callbacks.remove(self._on_gc)
-
-    def _on_gc(self, phase: str, info: dict) -> None:
-        if phase == "start":
-            self._t0 = time.perf_counter()
-        else:
-            rec = self.by_generation.setdefault(info["generation"], [0, 0.0])
-            rec[0] += 1
-            rec[1] += 1e3 * (time.perf_counter() - self._t0)
 
 
 def host_profile(run, top: int = 30) -> str:

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from engine import step_ahead
+from engine.gc_pauses import GcPauses
 from engine.kv_store import KVStore
 from engine.npr_state import Limits, Request
 from engine.paged_attention import PagedAttention
@@ -179,18 +180,19 @@ class LLM:
         done: dict[int, Trajectory] = {}
         try:
             forwards = 0
-            while not sched.done():
-                items = sched.schedule()  # empty once the last requests finished
+            with GcPauses() as pauses:  # the collector's stalls, reported: `_settle_heap` should have ended them
+                while not sched.done():
+                    items = sched.schedule()  # empty once the last requests finished
+                    self._report(sched.finished, done, on_finished)
+                    forwards += self._step(items)
+                sched.retire()
                 self._report(sched.finished, done, on_finished)
-                forwards += self._step(items)
-            sched.retire()
-            self._report(sched.finished, done, on_finished)
         finally:
             self._busy = False
             for req in sched.running:  # an exception left them resident: their KV goes back to the pool
                 req.detach()
         self.last_stats = {"forwards": forwards, "graph_steps": self._graph_steps, "steps_ahead": self._steps_ahead,
-                           "preemptions": sched.num_preemptions}
+                           "preemptions": sched.num_preemptions, "gc_ms": pauses.ms, "gc_full": pauses.full}
         self.last_requests = reqs  # tests: per-request engine state (e.g. suppressed forks)
         return [done[r.rid] if r.rid in done else self._trajectory(r) for r in reqs]
 

@@ -616,3 +616,22 @@ def test_first_call_freezes_the_heap_once(tiny):
     expect = ref.generate(PROMPTS[:3], params(), version=1)
     for a, b, c in zip(first, second, expect):
         assert np.array_equal(a.ids(), b.ids()) and np.array_equal(a.ids(), c.ids())
+
+
+def test_collector_pauses_are_counted_per_call(tiny):
+    """`last_stats` gc_ms / gc_full: the collector's pauses inside the call, here a full collection forced from the
+    trajectory callback; GcPauses leaves gc.callbacks as it found them, also when the block raises."""
+    import gc
+
+    from engine.gc_pauses import GcPauses
+
+    _, _, llm = tiny
+    before = list(gc.callbacks)
+    llm.generate(PROMPTS[:2], params(), version=1, on_finished=lambda i, t: gc.collect())
+    assert llm.last_stats["gc_full"] == 2 and llm.last_stats["gc_ms"] > 0
+    llm.generate(PROMPTS[:2], params(), version=1)
+    assert llm.last_stats["gc_full"] == 0
+    with pytest.raises(RuntimeError), GcPauses() as p:
+        gc.collect(1)
+        raise RuntimeError("inside")
+    assert p.by_generation[1][0] == 1 and p.full == 0 and gc.callbacks == before

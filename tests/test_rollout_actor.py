@@ -38,6 +38,8 @@ def test_trajectories_stream_out_during_the_engine_call(tmp_path):
     assert sorted((t.prompt_id, t.sample_idx) for t in got) == [(f"p{k}", i) for k in range(3) for i in range(2)]
     assert all(t.version == 0 for t in got) and report.num_tokens == sum(t.num_tokens for t in got)
     assert report.metrics["send_s"] >= 0 and report.metrics["engine_s"] > 0
+    # the engine froze the actor's heap at this first call: no full collection in it
+    assert gen.llm._heap_frozen and report.metrics["gc_full"] == 0 and report.metrics["gc_ms"] >= 0
     # a re-dispatch of one sample is the same sample (its seed is a function of step, prompt and index)
     gen.generate(req, only={"p1": [1]})
     again = rx.recv().body
