@@ -102,7 +102,17 @@ class Learner:
 
     # training -------------------------------------------------------------------------------------
     def train_step(self, step: int, buffer, timeout_s: float) -> dict:
-        """Consume the step's groups from `buffer` (a ReplayBuffer actor) and take one optimizer step."""
+        """Consume the step's groups from `buffer` (a ReplayBuffer actor) and take one optimizer step. Metrics
+        include the garbage collector's pauses in it (learner_gc_ms; learner_gc_full: full collections, each a
+        walk of every object of the process)."""
+        from engine.gc_pauses import GcPauses
+
+        with GcPauses() as pauses:
+            metrics = self._train_step(step, buffer, timeout_s)
+        metrics.update(learner_gc_ms=pauses.ms, learner_gc_full=pauses.full)
+        return metrics
+
+    def _train_step(self, step: int, buffer, timeout_s: float) -> dict:
         import ray
 
         t0 = time.perf_counter()
