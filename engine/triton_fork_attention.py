@@ -12,7 +12,7 @@ masked), one online softmax per query vector. The new tokens' k / v (the fused K
 a row's new slot is in no other row's context, so only this program reads it.
 
 Groups are consecutive query rows: `starts[g]` is group g's first row, its rows run to `starts[g + 1]` (clamped
-to the launch's rows), at most BLOCK_M // GROUP of them (`cuda_graphs.rows_per_group`), and `trunks[g]` slots
+to the launch's rows), at most BLOCK_M // GROUP of them (`slot_decode.rows_per_group`), and `trunks[g]` slots
 lead every one of their table rows alike. A group's count and layout live on the GPU, so the launch is CUDA-graph
 capturable: the grid has a program per row and KV head, and programs past the last group return at once. q and
 the new k come already normed and rotated (the q/k kernel runs first, as for big batches in
@@ -106,7 +106,7 @@ def fork_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
     """q [R, Hq, D] (normed and rotated); caches [S, Hkv, D]; row r's context: `table[rows[r], :lens[r]]`, its
     last entry its new token, whose k / v come in new_kv = (k [R, Hkv, D], v [R, Hkv, D], slots int32 [R]) and are
     written to `slots[r]` (< 0: a padding row, which must have no context: lens 0). Groups: int32 `starts`
-    [>= G + 1] (first rows, ascending, then any values >= R; a group holds at most `cuda_graphs.rows_per_group`
+    [>= G + 1] (first rows, ascending, then any values >= R; a group holds at most `slot_decode.rows_per_group`
     rows) and `trunks` [>= G] (table entries its rows share, fewer than each one's length). Returns [R, Hq, D] in
     q's dtype, as `decode_attention` would."""
     r, hq, d = q.shape

@@ -547,7 +547,8 @@ def test_graph_step_rotating_in_attention_equals_the_torch_backend(model_type, f
     """The decode graphs' attention backend takes q / k as projected and applies q/k-norm (Qwen3; none for
     Llama) and RoPE itself (`SlotDecode.rotates_qk`): the step's logits and the K/V it writes equal the model's
     eager forward through the torch backend, which gets q / k rotated by the model, fused projections or not."""
-    from engine.cuda_graphs import DecodeGraphs, SlotDecode
+    from engine.cuda_graphs import DecodeGraphs
+    from engine.slot_decode import SlotDecode
     from engine.kv_store import KVStore
     from engine.model import CausalLM, ModelArgs
     from engine.paged_attention import PagedAttention

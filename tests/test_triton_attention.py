@@ -182,7 +182,7 @@ def test_fork_kernel_matches_per_row_kernel(dtype, hq, dev="cuda"):
     (one online softmax per query vector, the trunk's tiles in another order) and the same cache writes. Groups
     of every size up to the limit, trunks of 0 to a row's whole context but its new token, a group whose rows
     reach past the launch, padding rows (slot -1, no context); bad arguments are refused."""
-    from engine.cuda_graphs import rows_per_group
+    from engine.slot_decode import rows_per_group
     from engine.triton_attention import decode_attention
     from engine.triton_fork_attention import fork_decode_attention
 
