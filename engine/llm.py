@@ -210,9 +210,9 @@ class LLM:
             a = self.model.args
             # no row sees more slots than the pool holds or positions than RoPE covers
             width = min(self.kv.num_slots, a.max_position_embeddings)
-            self.graphs = DecodeGraphs(self.model, self.kv.k, self.kv.v, width, sample=False,
-                                       compile=self.compile_graphs)
-            self.graphs.capture()
+            graphs = DecodeGraphs(self.model, self.kv.k, self.kv.v, width, sample=False, compile=self.compile_graphs)
+            graphs.capture()  # kept only once whole: a failed capture is tried again at the next call
+            self.graphs = graphs
         if self.freeze_heap and (captured or not self._heap_frozen):
             self.last_requests = []
             gc.collect()
