@@ -636,3 +636,28 @@ def test_collector_pauses_are_counted_per_call(tiny):
         gc.collect(1)
         raise RuntimeError("inside")
     assert p.by_generation[1][0] == 1 and p.full == 0 and gc.callbacks == before
+
+
+def test_a_failed_graph_capture_is_tried_again_at_the_next_call(tiny, monkeypatch):
+    """The graphs are captured before a call's requests exist and kept only once whole: a capture that raises
+    leaves none behind (the call fails, nothing was admitted), and the next call captures them."""
+    from engine.cuda_graphs import DecodeGraphs
+
+    d, hf, _ = tiny
+    llm = LLM(d, config=EngineConfig(kv_slots=4096, max_batch_tokens=512))
+    llm.update_weights(hf.state_dict().items(), version=1)
+    llm.use_graphs = True  # the graph path's host side on the CPU (each replay runs the step)
+    real, calls = DecodeGraphs.capture, []
+
+    def capture_failing_once(self):
+        calls.append(self)
+        if len(calls) == 1:
+            raise RuntimeError("capture failed")
+        return real(self)
+
+    monkeypatch.setattr(DecodeGraphs, "capture", capture_failing_once)
+    with pytest.raises(RuntimeError, match="capture failed"):
+        llm.generate(PROMPTS[:2], params(), version=1)
+    assert llm.graphs is None and llm.kv.num_free == llm.kv.num_slots
+    trajs = llm.generate(PROMPTS[:2], params(), version=1)
+    assert llm.graphs is calls[1] and llm.last_stats["graph_steps"] > 0 and all(t.num_tokens > 0 for t in trajs)
