@@ -85,7 +85,7 @@ class LLM:
             from engine.decode_linear import decode_linear
 
             self.model.set_gemm(decode_linear)
-        # CUDA graphs for decode-only steps, captured at the first one (GPU only; else eager every step)
+        # CUDA graphs for decode-only steps, captured at the first generate call (GPU only; else eager every step)
         self.use_graphs = bool(config.cuda_graphs) and self.device.type == "cuda"
         self.graphs = None
         # on a GPU the first generate call moves every object then alive out of the collector's reach
