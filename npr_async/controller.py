@@ -181,6 +181,9 @@ def run_step(cluster: Cluster, step: int, rows: list[dict], on_dispatch=None) ->
                    recovered_samples=recovered,
                    rollout_actor_s=max((r.seconds for r in reports), default=0.0),
                    rollout_actor_min_s=min((r.seconds for r in reports), default=0.0),
+                   # the generators' garbage-collector pauses (the slowest one's ms; full collections, all of them)
+                   rollout_gc_ms=max((r.metrics.get("gc_ms", 0.0) for r in reports), default=0.0),
+                   rollout_gc_full=sum(r.metrics.get("gc_full", 0.0) for r in reports),
                    stale_dropped=stats["stale_dropped"], duplicates=stats["duplicates"],
                    transport_lost=stats["transport_lost"])
     return metrics
