@@ -44,6 +44,9 @@ def main(argv=None) -> int:
     p.add_argument("--calls", type=int, default=4, help="calls per --compile value, the first one warm-up")
     p.add_argument("--compile", default="0", help="engine.compile_graphs values to run, e.g. 0,1")
     p.add_argument("--profile", type=int, default=0, help="1: one more call under the torch profiler")
+    p.add_argument("--fork-groups-from", type=int, default=-1,
+                   help="engine.cuda_graphs.FORK_GROUPS_FROM for this run: buckets from this many rows also get the "
+                        "fork-group attention graph (0: none; -1: the engine's)")
     p.add_argument("--cprofile", type=int, default=0,
                    help="1: one more call under cProfile (the host's share): top functions to stdout and --out")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -51,12 +54,15 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True)
     a = p.parse_args(argv)
 
+    import engine.cuda_graphs as cuda_graphs
     from engine.llm import LLM
     from engine.sampler import SamplingParams
     from npr_async.config import load_config
     from npr_async.pipeline import prepare_data
     from npr_async.tokenizer import format_prompt
 
+    if a.fork_groups_from >= 0:
+        cuda_graphs.FORK_GROUPS_FROM = a.fork_groups_from or 1 << 30
     cfg = load_config(a.config, a.overrides + ["engine.cuda_graphs=true"])
     model_dir = e2e.build_model(cfg, Path(a.run_dir), a.shape)
     if a.force_plans:
@@ -66,7 +72,7 @@ def main(argv=None) -> int:
     sync = torch.cuda.synchronize if a.device == "cuda" else (lambda: None)
     per_prompt = cfg.rollout.samples_per_prompt
     res = {"device": torch.cuda.get_device_name() if a.device == "cuda" else "cpu", "torch": torch.__version__,
-           "args": vars(a), "calls": []}
+           "args": vars(a), "fork_groups_from": cuda_graphs.FORK_GROUPS_FROM, "calls": []}
 
     def call(llm, k: int, compiled: bool) -> tuple[float, dict]:
         need = -(-a.samples // per_prompt)

@@ -68,16 +68,24 @@ def test_configurations_sweep_generators_streaming_and_windows():
                                                          (3, False, 0, "gen=3,stream=off")]  # the config's window
 
 
-def test_bench_rollout_times_the_generators_call_on_the_cpu(tmp_path):
-    """`npr-async bench rollout`: the generator's engine call in-process, every call reported with its counters."""
+def test_bench_rollout_times_the_generators_call_on_the_cpu(tmp_path, monkeypatch):
+    """`npr-async bench rollout`: the generator's engine call in-process, every call reported with its counters
+    and the collector's pauses; --cprofile adds one call under cProfile; --fork-groups-from 0 turns the fork-group
+    graphs off for the run."""
+    import engine.cuda_graphs as cuda_graphs
     from npr_async.cli import main
 
+    monkeypatch.setattr(cuda_graphs, "FORK_GROUPS_FROM", cuda_graphs.FORK_GROUPS_FROM)  # restored afterwards
     out = tmp_path / "rollout.json"
-    rc = main(["bench", "rollout", "--config", str(ROOT / "configs" / "tiny_cpu.yaml"), "--shape", "", "--samples", "6", "--calls",
-               "2", "--run-dir", str(tmp_path / "run"), "--out", str(out)])
+    rc = main(["bench", "rollout", "--config", str(ROOT / "configs" / "tiny_cpu.yaml"), "--shape", "",
+               "--samples", "6", "--calls", "2", "--run-dir", str(tmp_path / "run"), "--out", str(out),
+               "--cprofile", "1", "--fork-groups-from", "0"])
     assert rc == 0
-    calls = json.loads(out.read_text())["calls"]
-    assert [c["call"] for c in calls] == [0, 1]
+    res = json.loads(out.read_text())
+    calls = res["calls"]
+    assert [c["call"] for c in calls] == [0, 1, 2] and res["fork_groups_from"] == cuda_graphs.FORK_GROUPS_FROM > 512
     for c in calls:
         assert c["forwards"] > 0 and c["tokens_per_sample"] > 0 and c["ms_per_forward"] > 0
         assert c["tokens_per_s"] == pytest.approx(6 * c["tokens_per_sample"] / c["wall_s"])
+        assert all(n >= 1 and ms >= 0 for n, ms in c["gc"].values())
+    assert "cprofile" not in calls[1] and "ncalls" in calls[2]["cprofile"]
