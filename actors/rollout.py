@@ -31,11 +31,11 @@ class RolloutGenerator:
         self.cfg = config if isinstance(config, Config) else msgspec.convert(config, Config)
         self.name, self.device = name, device
         torch.set_num_threads(max(1, int(self.cfg.rollout.num_cpus_per_worker)) if device == "cpu" else 1)
-        self.llm = LLM(model_dir, config=self.cfg.engine, device=device, dtype=getattr(torch, self.cfg.model.dtype))
         # what exists at the engine's first call (libraries, model, graphs, compiler state) lives as long as the
-        # actor: the engine then freezes it out of the cyclic GC's full collections, on the CPU too (on a GPU it
-        # does anyway), which otherwise walk it in the middle of a decode loop (0.2-0.8 s on an H200 host)
-        self.llm.freeze_heap = True
+        # actor: the engine then freezes it out of the cyclic GC's full collections, on the CPU too, which
+        # otherwise walk it in the middle of a decode loop (0.2-0.8 s on an H200 host)
+        self.llm = LLM(model_dir, config=self.cfg.engine, device=device, dtype=getattr(torch, self.cfg.model.dtype),
+                       freeze_heap=True)
         self.sender = None
         self.weights = None
 

@@ -47,11 +47,14 @@ _tokens, _context_len = attrgetter("n"), attrgetter("length")  # of a scheduler 
 
 class LLM:
     def __init__(self, model, tokenizer=None, config: EngineConfig = EngineConfig(), device="cpu",
-                 dtype: torch.dtype | None = None, fuse: bool | None = None, compile_graphs: bool | None = None):
+                 dtype: torch.dtype | None = None, fuse: bool | None = None, compile_graphs: bool | None = None,
+                 freeze_heap: bool | None = None):
         """`fuse`: fuse q/k/v and gate/up into single GEMMs (`CausalLM.fuse_projections`); None = only a model
         the engine loads itself from a path (a model passed in may be shared, e.g. with a learner).
         `compile_graphs`: with `config.cuda_graphs`, torch.compile the captured decode step (fuses the small
-        elementwise kernels; a one-time compile of minutes on a 4B model); None: `config.compile_graphs`."""
+        elementwise kernels; a one-time compile of minutes on a 4B model); None: `config.compile_graphs`.
+        `freeze_heap`: the first generate call collects once and moves every object then alive out of the garbage
+        collector's reach (`_settle_heap`); None: on a GPU (a process that lives for the engine), off elsewhere."""
         from npr_async.tokenizer import load_tokenizer
 
         owned = isinstance(model, (str, Path))
@@ -88,9 +91,7 @@ class LLM:
         # CUDA graphs for decode-only steps, captured at the first generate call (GPU only; else eager every step)
         self.use_graphs = bool(config.cuda_graphs) and self.device.type == "cuda"
         self.graphs = None
-        # on a GPU the first generate call moves every object then alive out of the collector's reach
-        # (`_settle_heap`); off it (tests) the heap stays as it is unless this is set
-        self.freeze_heap = self.device.type == "cuda"
+        self.freeze_heap = self.device.type == "cuda" if freeze_heap is None else freeze_heap
         self._heap_frozen = False
         self.compile_graphs = config.compile_graphs if compile_graphs is None else compile_graphs
         self._busy = False

@@ -55,6 +55,21 @@ def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
 
 
 @triton.jit
+def online_softmax_tile(qk, m_i, l_i, acc, v_ptrs, vmask, PREC: tl.constexpr):
+    """One tile of the online softmax in the log2 domain: scores qk [M, N] (masked entries -inf), values loaded
+    from v_ptrs [N, D] (after the scores, as the pipeliner saw it before this was shared). Returns the running
+    max, sum and output; a vector that has seen only masked entries stays empty (max -inf, sum 0)."""
+    m_new = tl.maximum(m_i, tl.max(qk, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.math.exp2(qk - m_safe[:, None])
+    alpha = tl.math.exp2(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    v = tl.load(v_ptrs, mask=vmask[:, None], other=0.0)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
+    return m_new, l_i, acc
+
+
+@triton.jit
 def _decode_kernel(q_ptr, kc_ptr, vc_ptr, ptr_ptr, len_ptr, idx_ptr, out_ptr, mo_ptr, ml_ptr, lock_ptr,
                    kn_ptr, vn_ptr, slot_ptr, wq_ptr, wk_ptr, cos_ptr, sin_ptr, eps, scale_log2, stride_qt, stride_qh,
                    stride_ot, stride_oh, table_stride, stride_kn, stride_vn, stride_cos, stride_sin,
@@ -104,13 +119,7 @@ def _decode_kernel(q_ptr, kc_ptr, vc_ptr, ptr_ptr, len_ptr, idx_ptr, out_ptr, mo
         k = tl.load(kc_ptr + kv_off, mask=nmask[:, None], other=0.0)
         qk = tl.dot(q, tl.trans(k), input_precision=PREC) * scale_log2  # log2 domain: exp2 is one instruction
         qk = tl.where(nmask[None, :], qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        p = tl.math.exp2(qk - m_new[:, None])
-        alpha = tl.math.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(vc_ptr + kv_off, mask=nmask[:, None], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
-        m_i = m_new
+        m_i, l_i, acc = online_softmax_tile(qk, m_i, l_i, acc, vc_ptr + kv_off, nmask, PREC)
     if NEW_KV:  # only the program that owns the new token reads (and rotates) it: hoisting this before the loop
         # for every program cost 5.5 us a layer at 64 rows in the engine (BENCHMARKS.md, session 9)
         if (n > 0) & (lo <= n - 1) & (n - 1 < hi):

@@ -26,6 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
+from engine.triton_attention import online_softmax_tile
+
 
 @triton.jit
 def _fork_decode_kernel(q_ptr, kc_ptr, vc_ptr, rows_ptr, len_ptr, table_ptr, out_ptr, kn_ptr, vn_ptr, slot_ptr,
@@ -85,15 +87,8 @@ def _fork_decode_kernel(q_ptr, kc_ptr, vc_ptr, rows_ptr, len_ptr, table_ptr, out
             k = tl.load(kc_ptr + kv_off, mask=nmask[:, None], other=0.0)
             qk = tl.dot(q, tl.trans(k), input_precision=PREC) * scale_log2
             sees = (in_trunk[None, :] | (own[:, None] == row[None, :])) & nmask[None, :]
-            qk = tl.where(sees, qk, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(qk, 1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a vector that has seen nothing yet stays empty
-            p = tl.math.exp2(qk - m_safe[:, None])
-            alpha = tl.math.exp2(m_i - m_safe)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            v = tl.load(vc_ptr + kv_off, mask=nmask[:, None], other=0.0)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
-            m_i = m_new
+            qk = tl.where(sees, qk, float("-inf"))  # a vector that has seen nothing yet stays empty
+            m_i, l_i, acc = online_softmax_tile(qk, m_i, l_i, acc, vc_ptr + kv_off, nmask, PREC)
         out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # an empty context gives zeros, never NaN
         tl.store(out_ptr + qrow[:, None] * stride_ot + heads[:, None] * stride_oh + offs_d[None, :],
                  out.to(out_ptr.dtype.element_ty), mask=live[:, None])

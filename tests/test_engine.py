@@ -599,10 +599,9 @@ def test_first_call_freezes_the_heap_once(tiny):
     import gc
 
     d, hf, ref = tiny
-    llm = LLM(d, config=EngineConfig(kv_slots=4096, max_batch_tokens=512))
+    assert not ref.freeze_heap  # off on the CPU unless asked
+    llm = LLM(d, config=EngineConfig(kv_slots=4096, max_batch_tokens=512), freeze_heap=True)
     llm.update_weights(hf.state_dict().items(), version=1)
-    assert not llm.freeze_heap  # off on the CPU unless asked
-    llm.freeze_heap = True
     gc.unfreeze()
     try:
         first = llm.generate(PROMPTS[:3], params(), version=1)
