@@ -382,6 +382,9 @@ def main(argv=None) -> int:
     ap.add_argument("--reserve-gb", type=float, default=12.0, help="GPU memory left out of the KV pool")
     ap.add_argument("--hf", type=int, default=1, help="0: skip the HF comparison")
     ap.add_argument("--compile", type=int, default=1, help="torch.compile the decode step inside the graphs")
+    ap.add_argument("--norm-kernel", type=int, default=1,
+                    help="1: RMSNorm in one Triton launch where the step is not compiled (engine/triton_norm.py, as "
+                         "the engine); 0: the model's torch code everywhere")
     ap.add_argument("--profile", type=int, default=0, help="1: per-kernel GPU time of one step")
     ap.add_argument("--hf-compile", default="", help="batch sizes whose HF generate is torch.compiled")
     ap.add_argument("--gemm", default="triton", help="decode GEMMs: triton (engine default), torch (cuBLAS); "
@@ -407,6 +410,10 @@ def main(argv=None) -> int:
     torch.set_default_dtype(torch.float32)
     if args.fuse:
         model.fuse_projections()
+        if args.norm_kernel:  # as engine.LLM routes its own (fused) model's norms
+            from engine.triton_norm import decode_rms_norm
+
+            model.set_norm(decode_rms_norm)
     res["fused"] = bool(args.fuse)
     res["params"] = sum(p.numel() for p in model.parameters())
     torch.cuda.reset_peak_memory_stats()

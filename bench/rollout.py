@@ -43,6 +43,9 @@ def main(argv=None) -> int:
     p.add_argument("--samples", type=int, default=96, help="samples per call, all decoding at once")
     p.add_argument("--calls", type=int, default=4, help="calls per --compile value, the first one warm-up")
     p.add_argument("--compile", default="0", help="engine.compile_graphs values to run, e.g. 0,1")
+    p.add_argument("--norm-kernel", default="1",
+                   help="comma-separated: 1 = the engine's one-launch RMSNorm where the step is not compiled "
+                        "(engine/triton_norm.py), 0 = the model's torch code (0,1: an A/B in one process)")
     p.add_argument("--profile", type=int, default=0, help="1: one more call under the torch profiler")
     p.add_argument("--fork-groups-from", type=int, default=-1,
                    help="engine.cuda_graphs.FORK_GROUPS_FROM for this run: buckets from this many rows also get the "
@@ -74,7 +77,7 @@ def main(argv=None) -> int:
     res = {"device": torch.cuda.get_device_name() if a.device == "cuda" else "cpu", "torch": torch.__version__,
            "args": vars(a), "fork_groups_from": cuda_graphs.FORK_GROUPS_FROM, "calls": []}
 
-    def call(llm, k: int, compiled: bool) -> tuple[float, dict]:
+    def call(llm, k: int, compiled: bool, norm: bool = True) -> tuple[float, dict]:
         need = -(-a.samples // per_prompt)
         batch = [rows[(k * need + i) % len(rows)] for i in range(need)]
         prompts = [format_prompt(llm.tokenizer, r["prompt"]) for r in batch for _ in range(per_prompt)][:a.samples]
@@ -85,29 +88,32 @@ def main(argv=None) -> int:
             out = llm.generate(prompts, params, on_finished=lambda i, traj: None, max_running=a.samples)
             sync()
         wall = time.perf_counter() - t
-        rec = {"compile": compiled, "call": k, "wall_s": wall, **llm.last_stats,
+        rec = {"compile": compiled, "norm_kernel": norm, "call": k, "wall_s": wall, **llm.last_stats,
                "ms_per_forward": 1e3 * wall / llm.last_stats["forwards"],
                "tokens_per_s": sum(x.num_tokens for x in out) / wall,
                "tokens_per_sample": sum(x.num_tokens for x in out) / len(out), "gc": pauses.by_generation}
         res["calls"].append(rec)
         Path(a.out).write_text(json.dumps(res, indent=1))
-        print(f"compile={int(compiled)} call {k}{' (warm-up)' if k == 0 else ''}: {wall:.3f} s, "
+        print(f"compile={int(compiled)} norm={int(norm)} call {k}{' (warm-up)' if k == 0 else ''}: {wall:.3f} s, "
               f"{rec['forwards']} forwards ({rec['graph_steps']} graph, {rec['steps_ahead']} ahead), "
               f"{rec['ms_per_forward']:.2f} ms each, {rec['tokens_per_s']:,.0f} tok/s; garbage collector "
               + ", ".join(f"gen{g} {n}x {ms:.1f} ms" for g, (n, ms) in sorted(pauses.by_generation.items())),
               flush=True)
         return wall, rec
 
-    for compiled in (bool(int(v)) for v in a.compile.split(",")):
+    runs = [(bool(int(c)), bool(int(n))) for c in a.compile.split(",") for n in a.norm_kernel.split(",")]
+    for compiled, norm in runs:
         llm = LLM(model_dir, config=cfg.engine, device=a.device, dtype=getattr(torch, cfg.model.dtype),
                   compile_graphs=compiled)
+        if not norm:
+            llm.model.set_norm(None)
         for k in range(a.calls):
-            call(llm, k, compiled)
+            call(llm, k, compiled, norm)
         if a.profile and a.device == "cuda":
             from torch.profiler import ProfilerActivity, profile
 
             with profile(activities=[ProfilerActivity.CUDA]) as prof:
-                wall, rec = call(llm, a.calls, compiled)
+                wall, rec = call(llm, a.calls, compiled, norm)
             ev = prof.key_averages()
             busy = sum(e.device_time_total for e in ev) / 1e3
             top = sorted(ev, key=lambda e: -e.device_time_total)[:10]
@@ -122,7 +128,8 @@ def main(argv=None) -> int:
                   f"{busy / rec['forwards']:.2f} ms per forward; top: "
                   + ", ".join(f"{k[:40]} {v:.0f}" for k, v in list(rec["top_kernels_ms"].items())[:4]), flush=True)
         if a.cprofile:
-            res["calls"][-1]["cprofile"] = host_profile(functools.partial(call, llm, a.calls + a.profile, compiled))
+            again = functools.partial(call, llm, a.calls + a.profile, compiled, norm)
+            res["calls"][-1]["cprofile"] = host_profile(again)
             Path(a.out).write_text(json.dumps(res, indent=1))
         del llm
     return 0

@@ -4,7 +4,7 @@
     python3 bench/triton_resources.py --rows 1,16,64,256
 
 Each decode-step kernel is compiled through the engine's own launch wrapper (decode_attention, skinny_linear,
-qk_norm_rope, the sampler) on small CPU tensors of the Qwen3-4B shape, so it gets the same constexprs and the
+qk_norm_rope, rms_norm, the sampler) on small CPU tensors of the Qwen3-4B shape, so it gets the same constexprs and the
 same argument specialisation (16-byte alignment, which lets loads vectorise and go asynchronous) as on the GPU;
 a stand-in driver answers "sm_90" and every launch stops after the compile. Resources come from the wheel's
 `cuobjdump --dump-resource-usage`, load widths and barriers from the PTX. Compile errors, register pressure and
@@ -91,6 +91,7 @@ def decode_step_kernels(rows: int, ctx: int, hidden: int = 2560, inter: int = 97
     """Launch each Triton kernel of a Qwen3-4B decode step at `rows` rows once, on zero CPU tensors: (what, call)."""
     from engine import triton_gemm
     from engine.triton_attention import decode_attention
+    from engine.triton_norm import rms_norm
     from engine.triton_qk_rope import qk_norm_rope_cuda
     from engine.triton_sampling import inverse_cdf_sample
 
@@ -107,7 +108,8 @@ def decode_step_kernels(rows: int, ctx: int, hidden: int = 2560, inter: int = 97
     calls = [("attention", lambda: decode_attention(qk[:, :hq], kc, kc, **attn_args)),
              ("attention + q/k norm, RoPE", lambda: decode_attention(qk[:, :hq], kc, kc, qk_norm_rope=norms,
                                                                      **attn_args)),
-             ("q/k norm + RoPE", lambda: qk_norm_rope_cuda(qk, z(d), z(d), hq, 1e-6, cos, cos))]
+             ("q/k norm + RoPE", lambda: qk_norm_rope_cuda(qk, z(d), z(d), hq, 1e-6, cos, cos)),
+             ("RMSNorm (steps not compiled)", lambda: rms_norm(z(rows, hidden), z(hidden), 1e-6))]
     x, xi = z(rows, hidden), z(rows, inter)
     products = [("q/k/v", x, z((hq + 2 * hkv) * d, hidden), False), ("o", z(rows, hq * d), z(hidden, hq * d), False),
                 ("gate/up + SwiGLU", x, z(2 * inter, hidden), True), ("down", xi, z(hidden, inter), False),

@@ -88,6 +88,12 @@ class LLM:
             from engine.decode_linear import decode_linear
 
             self.model.set_gemm(decode_linear)
+        if self.device.type == "cuda" and getattr(self.model, "fused", False):
+            # one launch per norm, in the engine's own (fused) model: a model shared with a learner keeps the
+            # reference norm, whose rounding the learner's forwards reproduce bit for bit
+            from engine.triton_norm import decode_rms_norm
+
+            self.model.set_norm(decode_rms_norm)
         # CUDA graphs for decode-only steps, captured at the first generate call (GPU only; else eager every step)
         self.use_graphs = bool(config.cuda_graphs) and self.device.type == "cuda"
         self.graphs = None

@@ -88,13 +88,15 @@ class Linear(nn.Linear):
 
 
 class RMSNorm(nn.Module):
+    kernel = None  # (x, weight, eps) -> rms_norm's result, an engine's one-launch norm (`CausalLM.set_norm`)
+
     def __init__(self, dim: int, eps: float):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return rms_norm(x, self.weight, self.eps)
+        return rms_norm(x, self.weight, self.eps) if self.kernel is None else self.kernel(x, self.weight, self.eps)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -259,6 +261,14 @@ class CausalLM(nn.Module):
             elif isinstance(mod, MLP):  # a gemm may bring SwiGLU fused into the gate/up product
                 mod.swiglu = getattr(gemm, "swiglu", None)
         self.head_gemm = gemm
+        return self
+
+    def set_norm(self, kernel=None) -> "CausalLM":
+        """Route every RMSNorm through `kernel(x, weight, eps)` (engine/triton_norm.py's `decode_rms_norm`: one
+        launch instead of eight in a decode step that is not compiled); None restores `rms_norm`."""
+        for mod in self.modules():
+            if isinstance(mod, RMSNorm):
+                mod.kernel = kernel
         return self
 
     # inference: fused projections behind HF names (engine/fusion.py) --------------------------------

@@ -71,7 +71,7 @@ def test_configurations_sweep_generators_streaming_and_windows():
 def test_bench_rollout_times_the_generators_call_on_the_cpu(tmp_path, monkeypatch):
     """`npr-async bench rollout`: the generator's engine call in-process, every call reported with its counters
     and the collector's pauses; --cprofile adds one call under cProfile; --fork-groups-from 0 turns the fork-group
-    graphs off for the run."""
+    graphs off for the run; --norm-kernel 0,1 runs an engine per value (the CPU has no kernel: same calls)."""
     import engine.cuda_graphs as cuda_graphs
     from npr_async.cli import main
 
@@ -79,13 +79,14 @@ def test_bench_rollout_times_the_generators_call_on_the_cpu(tmp_path, monkeypatc
     out = tmp_path / "rollout.json"
     rc = main(["bench", "rollout", "--config", str(ROOT / "configs" / "tiny_cpu.yaml"), "--shape", "",
                "--samples", "6", "--calls", "2", "--run-dir", str(tmp_path / "run"), "--out", str(out),
-               "--cprofile", "1", "--fork-groups-from", "0"])
+               "--cprofile", "1", "--fork-groups-from", "0", "--norm-kernel", "0,1"])
     assert rc == 0
     res = json.loads(out.read_text())
     calls = res["calls"]
-    assert [c["call"] for c in calls] == [0, 1, 2] and res["fork_groups_from"] == cuda_graphs.FORK_GROUPS_FROM > 512
+    assert [c["call"] for c in calls] == [0, 1, 2] * 2 and res["fork_groups_from"] == cuda_graphs.FORK_GROUPS_FROM > 512
+    assert [c["norm_kernel"] for c in calls] == [False] * 3 + [True] * 3
     for c in calls:
         assert c["forwards"] > 0 and c["tokens_per_sample"] > 0 and c["ms_per_forward"] > 0
         assert c["tokens_per_s"] == pytest.approx(6 * c["tokens_per_sample"] / c["wall_s"])
         assert all(n >= 1 and ms >= 0 for n, ms in c["gc"].values())
-    assert "cprofile" not in calls[1] and "ncalls" in calls[2]["cprofile"]
+    assert "cprofile" not in calls[1] and "ncalls" in calls[2]["cprofile"] and "ncalls" in calls[5]["cprofile"]
