@@ -96,7 +96,8 @@ def main(argv=None) -> int:
         Path(a.out).write_text(json.dumps(res, indent=1))
         print(f"compile={int(compiled)} norm={int(norm)} call {k}{' (warm-up)' if k == 0 else ''}: {wall:.3f} s, "
               f"{rec['forwards']} forwards ({rec['graph_steps']} graph, {rec['steps_ahead']} ahead), "
-              f"{rec['ms_per_forward']:.2f} ms each, {rec['tokens_per_s']:,.0f} tok/s; garbage collector "
+              f"{rec['ms_per_forward']:.2f} ms each, {rec['tokens_per_s']:,.0f} tok/s, {rec['wait_ms']:.0f} ms waiting "
+              f"for the device's tokens; garbage collector "
               + ", ".join(f"gen{g} {n}x {ms:.1f} ms" for g, (n, ms) in sorted(pauses.by_generation.items())),
               flush=True)
         return wall, rec

@@ -198,8 +198,11 @@ class LLM:
             self._busy = False
             for req in sched.running:  # an exception left them resident: their KV goes back to the pool
                 req.detach()
+        # wait_ms: the host blocked on each step's tokens (on a GPU: the device still busy); the rest of the
+        # call's wall time is host work, so a slow call reads as GPU-bound or host-bound
         self.last_stats = {"forwards": forwards, "graph_steps": self._graph_steps, "steps_ahead": self._steps_ahead,
-                           "preemptions": sched.num_preemptions, "gc_ms": pauses.ms, "gc_full": pauses.full}
+                           "preemptions": sched.num_preemptions, "gc_ms": pauses.ms, "gc_full": pauses.full,
+                           "wait_ms": 1e3 * self.sampler.wait_s}
         self.last_requests = reqs  # tests: per-request engine state (e.g. suppressed forks)
         return [done[r.rid] if r.rid in done else self._trajectory(r) for r in reqs]
 

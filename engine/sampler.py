@@ -18,6 +18,7 @@ synchronisation but the final read of tokens and logprobs.
 from __future__ import annotations
 
 import hashlib
+import time
 from typing import Sequence
 
 import msgspec
@@ -223,9 +224,10 @@ class BatchSampler:
         self.reset()
 
     def reset(self) -> None:
-        """Drop every branch's table row (each generate call starts afresh)."""
+        """Drop every branch's table row (each generate call starts afresh) and the call's wait."""
         self.seen = torch.zeros(64, 256, dtype=torch.int32, device=self.device)
         self.free = list(range(63, 0, -1))
+        self.wait_s = 0.0  # host time blocked in `collect`: on a GPU, waiting for the device to finish the step
 
     def _grow(self, rows: int, cols: int) -> None:
         r, c = self.seen.shape
@@ -263,7 +265,9 @@ class BatchSampler:
 
     def collect(self, out: torch.Tensor) -> tuple[list[int], list[float]]:
         """Tokens and logprobs of a `launch`, read to the host (the step's one sync)."""
+        t = time.perf_counter()
         tokens, logprobs = out.tolist()
+        self.wait_s += time.perf_counter() - t
         return list(map(int, tokens)), logprobs
 
     def launch(self, logits: torch.Tensor, todo, ahead: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,6 +1,7 @@
 """NPR-Engine end to end on a tiny random Qwen3: parity with HF transformers over forked trajectories,
 structure equal to parse_structure, budgets, format errors, preemption, determinism (issue 3)."""
 import math
+import time
 
 import numpy as np
 import pytest
@@ -635,6 +636,36 @@ def test_collector_pauses_are_counted_per_call(tiny):
         gc.collect(1)
         raise RuntimeError("inside")
     assert p.by_generation[1][0] == 1 and p.full == 0 and gc.callbacks == before
+
+
+def test_wait_for_the_devices_tokens_is_counted_per_call(tiny, monkeypatch):
+    """`last_stats` wait_ms: the host's time blocked reading each step's tokens (on a GPU, the device still busy),
+    summed over the call and reset at the next. A read that takes 3 ms is counted whole, every time."""
+    from engine.sampler import BatchSampler
+
+    class SlowRead:  # the step's [2, n] tokens / logprobs, its read-back taking 3 ms as a busy GPU's would
+        def __init__(self, out):
+            self.out = out
+
+        def tolist(self):
+            time.sleep(0.003)
+            reads.append(1)
+            return self.out.tolist()
+
+    def slow_launch(self, *args, **kwargs):
+        fed, out = launch(self, *args, **kwargs)
+        return fed, SlowRead(out)
+
+    _, _, llm = tiny
+    launch, reads = BatchSampler.launch, []
+    monkeypatch.setattr(BatchSampler, "launch", slow_launch)
+    t = time.perf_counter()
+    llm.generate(PROMPTS[:2], params(), version=1)
+    wall_ms = 1e3 * (time.perf_counter() - t)
+    assert reads and 3 * len(reads) <= llm.last_stats["wait_ms"] < wall_ms
+    monkeypatch.setattr(BatchSampler, "launch", launch)
+    llm.generate(PROMPTS[:2], params(), version=1)
+    assert llm.last_stats["wait_ms"] < 3 * len(reads)  # the next call starts from zero
 
 
 def test_a_failed_graph_capture_is_tried_again_at_the_next_call(tiny, monkeypatch):
