@@ -91,7 +91,7 @@ def decode_step_kernels(rows: int, ctx: int, hidden: int = 2560, inter: int = 97
     """Launch each Triton kernel of a Qwen3-4B decode step at `rows` rows once, on zero CPU tensors: (what, call)."""
     from engine import triton_gemm
     from engine.triton_attention import decode_attention
-    from engine.triton_norm import rms_norm
+    from engine.triton_norm import add_rms_norm, rms_norm
     from engine.triton_qk_rope import qk_norm_rope_cuda
     from engine.triton_sampling import inverse_cdf_sample
 
@@ -109,7 +109,8 @@ def decode_step_kernels(rows: int, ctx: int, hidden: int = 2560, inter: int = 97
              ("attention + q/k norm, RoPE", lambda: decode_attention(qk[:, :hq], kc, kc, qk_norm_rope=norms,
                                                                      **attn_args)),
              ("q/k norm + RoPE", lambda: qk_norm_rope_cuda(qk, z(d), z(d), hq, 1e-6, cos, cos)),
-             ("RMSNorm (steps not compiled)", lambda: rms_norm(z(rows, hidden), z(hidden), 1e-6))]
+             ("RMSNorm (steps not compiled)", lambda: rms_norm(z(rows, hidden), z(hidden), 1e-6)),
+             ("residual add + RMSNorm", lambda: add_rms_norm(z(rows, hidden), z(rows, hidden), z(hidden), 1e-6))]
     x, xi = z(rows, hidden), z(rows, inter)
     products = [("q/k/v", x, z((hq + 2 * hkv) * d, hidden), False), ("o", z(rows, hq * d), z(hidden, hq * d), False),
                 ("gate/up + SwiGLU", x, z(2 * inter, hidden), True), ("down", xi, z(hidden, inter), False),

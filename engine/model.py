@@ -98,6 +98,17 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return rms_norm(x, self.weight, self.eps) if self.kernel is None else self.kernel(x, self.weight, self.eps)
 
+    def add(self, x: torch.Tensor, delta: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x + delta, this norm of it): a residual add and the norm after it, one launch with an engine's kernel
+        (`kernel.add`); (x, norm(x)) when delta is None."""
+        if delta is None:
+            return x, self(x)
+        fused = getattr(self.kernel, "add", None)
+        if fused is not None:
+            return fused(x, delta, self.weight, self.eps)
+        x = x + delta
+        return x, self(x)
+
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """Normalise the last dim in float32, scale in the input dtype (as HF); weight broadcasts from the right."""
@@ -183,13 +194,20 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
 
-    def forward(self, x, rope, attn):
+    def forward(self, x, rope, attn, delta=None, defer: bool = False):
+        """x after the layer. With `defer` the layer's last residual add is left to the next norm: it returns (x,
+        the MLP's output) instead of their sum, and adds `delta` (the layer before's such output, or None) in its
+        input norm (`RMSNorm.add`: one launch with the engine's norm kernel, where an uncompiled step would run
+        each add alone). Same values either way."""
         a = self.self_attn
+        x, h = self.input_layernorm.add(x, delta)
         if getattr(attn, "rotates_qk", False):  # a decode kernel that applies q/k-norm and RoPE itself
-            o = attn(a.layer_idx, *a.projections(self.input_layernorm(x)), rope=rope, qk_norms=a.qk_norms())
+            o = attn(a.layer_idx, *a.projections(h), rope=rope, qk_norms=a.qk_norms())
         else:
-            o = attn(a.layer_idx, *self.attention_inputs(x, rope))
-        return self.attention_output_mlp(x, o)
+            o = attn(a.layer_idx, *a.qkv(h, rope))
+        x, h = self.post_attention_layernorm.add(x, a.o_proj(o.reshape(x.shape[0], -1)))
+        out = self.mlp(h)
+        return (x, out) if defer else x + out
 
     # The layer in two halves around the attention call: the learner compiles each half (norms, RoPE,
     # SwiGLU and residuals fuse) and calls the attention backend, which is not traced, in between.
@@ -234,15 +252,16 @@ class CausalLM(nn.Module):
         if input_ids.dim() != 1 or positions.shape != input_ids.shape:
             raise ValueError(f"flat tokens expected: input_ids {tuple(input_ids.shape)}, positions {tuple(positions.shape)}")
         m = self.model
-        x = m.embed_tokens(input_ids)
+        x, delta = m.embed_tokens(input_ids), None
         rope = m.rotary_emb.cos_sin(positions, x.dtype)
         ckpt = self.gradient_checkpointing if torch.is_grad_enabled() else False
-        for i, layer in enumerate(m.layers):
+        for i, layer in enumerate(m.layers):  # each add left to the next norm (DecoderLayer.forward's defer)
             if ckpt is True or (ckpt and i in ckpt):
-                x = checkpoint(layer, x, rope, attn, use_reentrant=False)
+                x = checkpoint(layer, x if delta is None else x + delta, rope, attn, use_reentrant=False)
+                delta = None
             else:
-                x = layer(x, rope, attn)
-        return m.norm(x)
+                x, delta = layer(x, rope, attn, delta, defer=True)
+        return m.norm.add(x, delta)[1]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.head_logits(hidden).float()

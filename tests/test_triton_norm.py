@@ -43,10 +43,43 @@ def test_set_norm_routes_every_norm_and_restores(tiny_dir):
     assert torch.equal(layer.input_layernorm(x), ref) and len(calls) == 1
 
 
+def test_each_residual_add_goes_to_the_next_norm(tiny_dir):
+    """The model leaves each layer's last residual add to the next norm (`RMSNorm.add`, through `kernel.add` when
+    the kernel has one): 2L fused sites and one plain norm (the first layer's) per forward, the same values."""
+    llm = LLM(tiny_dir, config=EngineConfig(kv_slots=256))
+    model, n_layers = llm.model, llm.model.args.num_layers
+    ids, pos = torch.tensor([5, 9, 2, 7]), torch.arange(4)
+
+    def forward():
+        llm.attn.prepare([(list(range(4)), 4)])
+        with torch.no_grad():
+            return model(ids, pos, llm.attn)
+
+    want = forward()
+    calls = {"norm": 0, "add": 0}
+
+    def kernel(x, w, eps):
+        calls["norm"] += 1
+        return rms_norm(x, w, eps)
+
+    def add(x, delta, w, eps):
+        calls["add"] += 1
+        h = x + delta
+        return h, rms_norm(h, w, eps)
+
+    kernel.add = add
+    model.set_norm(kernel)
+    try:
+        got = forward()
+    finally:
+        model.set_norm(None)
+    assert torch.equal(got, want) and calls == {"norm": 1, "add": 2 * n_layers}
+
+
 @cuda
 def test_kernel_matches_the_reference():
     pytest.importorskip("triton")
-    from engine.triton_norm import rms_norm as kernel
+    from engine.triton_norm import add_rms_norm, rms_norm as kernel
 
     g = torch.Generator(device="cuda").manual_seed(0)
     cases = [((7,), 2560, torch.bfloat16, torch.bfloat16), ((5, 3), 128, torch.bfloat16, torch.float32),
@@ -60,6 +93,10 @@ def test_kernel_matches_the_reference():
         # the row's sum of squares is reduced in another order: a last-bit rstd can flip a rare rounding
         torch.testing.assert_close(out, ref, rtol=2 * torch.finfo(xdt).eps, atol=1e-6)
         assert (out == ref).float().mean() > 0.98
+        delta = torch.randn(x.shape, device="cuda", generator=g).to(xdt)
+        h, out = add_rms_norm(x, delta, w, 1e-6)
+        assert torch.equal(h, x + delta)  # one rounding of the same float32 sum
+        torch.testing.assert_close(out, rms_norm(x + delta, w, 1e-6), rtol=2 * torch.finfo(xdt).eps, atol=1e-6)
     assert kernel(torch.empty(0, 64, device="cuda"), torch.ones(64, device="cuda"), 1e-6).shape == (0, 64)
     with pytest.raises(ValueError, match="weight"):
         kernel(torch.randn(3, 8, device="cuda"), torch.ones(4, device="cuda"), 1e-6)
@@ -78,10 +115,40 @@ def test_reference_where_autograd_or_compile_needs_it(monkeypatch):
     def refuse(*args):
         raise AssertionError("the kernel ran inside a compiled function")
 
+    h, y = triton_norm.decode_add_rms_norm(x, x.detach(), w, 1e-6)
+    assert y.grad_fn is not None and torch.equal(y, rms_norm(x + x.detach(), w, 1e-6))
+
     monkeypatch.setattr(triton_norm, "rms_norm", refuse)
-    fn = torch.compile(lambda t: triton_norm.decode_rms_norm(t, w, 1e-6) * 2)
+    monkeypatch.setattr(triton_norm, "add_rms_norm", refuse)
+    fn = torch.compile(lambda t: triton_norm.decode_rms_norm(t, w, 1e-6) * 2
+                       + triton_norm.decode_add_rms_norm(t, t, w, 1e-6)[1])
     with torch.no_grad():
-        torch.testing.assert_close(fn(x.detach()), rms_norm(x.detach(), w, 1e-6) * 2)
+        t = x.detach()
+        torch.testing.assert_close(fn(t), rms_norm(t, w, 1e-6) * 2 + rms_norm(t + t, w, 1e-6))
+
+
+@cuda
+def test_engine_model_forward_with_the_kernels_matches_without(tiny_dir):
+    """The engine's own model on a GPU in bf16, one eager forward with and without the norm kernels (attention
+    through the torch backend): hidden states within bf16 rounding of each other."""
+    pytest.importorskip("triton")
+    from engine.triton_norm import decode_rms_norm
+
+    llm = LLM(tiny_dir, config=EngineConfig(kv_slots=256, attention_backend="torch"), device="cuda",
+              dtype=torch.bfloat16)
+    ids, pos = torch.tensor([5, 9, 2, 7, 11], device="cuda"), torch.arange(5, device="cuda")
+
+    def forward():
+        llm.attn.prepare([(list(range(5)), 5)])
+        with torch.no_grad():
+            return llm.model(ids, pos, llm.attn).float()
+
+    assert llm.model.model.norm.kernel is decode_rms_norm
+    got = forward()
+    llm.model.set_norm(None)
+    want = forward()
+    torch.testing.assert_close(got, want, rtol=0.05, atol=0.05)
+    assert (got - want).abs().mean() < 0.01 * want.abs().mean()
 
 
 @cuda
