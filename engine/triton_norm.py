@@ -44,7 +44,7 @@ def _launch(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, e
     if weight.shape != (d,) or (delta is not None and delta.shape != x.shape):
         raise ValueError(f"rms_norm: weight {tuple(weight.shape)}"
                          + ("" if delta is None else f", delta {tuple(delta.shape)}") + f" for x {tuple(x.shape)}")
-    rows = _rows(x, d)
+    rows, weight = _rows(x, d), weight.contiguous()
     summed = None if delta is None else torch.empty(rows.shape, dtype=torch.result_type(x, delta), device=x.device)
     dr = rows if delta is None else _rows(delta, d)
     out = torch.empty(rows.shape, dtype=torch.result_type(weight, rows if summed is None else summed),
@@ -69,28 +69,30 @@ def add_rms_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps
     return summed, out
 
 
+def _kernel_applies(x: torch.Tensor, *others: torch.Tensor) -> bool:
+    """An inference forward on a GPU: not while torch.compile traces (Inductor fuses the reference with the
+    residual add) and not where autograd needs a backward (the kernel has none)."""
+    return (not torch.compiler.is_compiling() and x.is_cuda
+            and not (torch.is_grad_enabled() and any(t.requires_grad for t in (x, *others))))
+
+
 def decode_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """`RMSNorm.kernel` of an engine's model (`CausalLM.set_norm`): the kernel above for inference forwards on a
-    GPU; the reference while torch.compile traces (Inductor fuses it with the residual add) and where autograd
-    needs a backward."""
+    """`RMSNorm.kernel` of an engine's model (`CausalLM.set_norm`): the kernel above where it applies, else the
+    model's torch code."""
     from engine.model import rms_norm as reference
 
-    if (torch.compiler.is_compiling() or not x.is_cuda
-            or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))):
-        return reference(x, weight, eps)
-    return rms_norm(x, weight, eps)
+    return rms_norm(x, weight, eps) if _kernel_applies(x, weight) else reference(x, weight, eps)
 
 
 def decode_add_rms_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float):
-    """`RMSNorm.add` through the engine's kernel: (x + delta, its norm) in one launch where `decode_rms_norm` would
-    launch the norm, else the reference's two steps."""
+    """`RMSNorm.add` through the engine's kernel: (x + delta, its norm) in one launch where the kernel applies,
+    else the reference's two steps."""
     from engine.model import rms_norm as reference
 
-    if (torch.compiler.is_compiling() or not x.is_cuda
-            or (torch.is_grad_enabled() and (x.requires_grad or delta.requires_grad or weight.requires_grad))):
-        h = x + delta
-        return h, reference(h, weight, eps)
-    return add_rms_norm(x, delta, weight, eps)
+    if _kernel_applies(x, delta, weight):
+        return add_rms_norm(x, delta, weight, eps)
+    h = x + delta
+    return h, reference(h, weight, eps)
 
 
 decode_rms_norm.add = decode_add_rms_norm  # RMSNorm.add takes it: the residual add and the next norm, one launch
