@@ -141,15 +141,20 @@ def bench_ours(model, args, res):
     res["kv_pool_gib"] = round(2 * k_cache.numel() * 2 / 2**30, 2)
     rows = sorted(set(batches + ks + [r * k for r, k in llm_cases(args)]))
     gemms = [x for x in args.gemm.split(",") if x]
+    norms = [bool(int(x)) for x in str(args.norm_kernel).split(",") if x]
+    variants = [(gemm, norm) for gemm in gemms for norm in norms]
+    label = lambda gemm, norm: gemm if len(norms) == 1 else f"{gemm}/norm{int(norm)}"  # noqa: E731
     res["compiled_decode"] = bool(args.compile)
     res["decode_by_gemm"] = {}
-    for gemm in reversed(gemms):  # the first (the run's default) last, so its graphs serve the rest
+    for gemm, norm in reversed(variants):  # the first (the run's default) last, so its graphs serve the rest
         set_gemm(model, gemm)
+        set_norm(model, norm)
         g = DecodeGraphs(model, k_cache, v_cache, max_ctx, buckets=rows, compile=bool(args.compile))
-        res[f"graph_capture_s_{gemm}"] = round(timed(lambda: g.capture()), 2)
+        res[f"graph_capture_s_{label(gemm, norm)}"] = round(timed(lambda: g.capture()), 2)
         run = Runner(model, g, torch.randperm(slots, device="cuda"))  # scattered slots, as in a live pool
-        res["decode_by_gemm"][gemm] = measure_decode(run, args, res, batches, weight_bytes, kv_token_bytes, gemm)
-    res["decode"] = res["decode_by_gemm"][gemms[0]]
+        res["decode_by_gemm"][label(gemm, norm)] = measure_decode(run, args, res, batches, weight_bytes,
+                                                                  kv_token_bytes, label(gemm, norm))
+    res["decode"] = res["decode_by_gemm"][label(*variants[0])]
     V = cfg.vocab_size
     if args.profile and batches:
         for b in batches:
@@ -174,6 +179,14 @@ def bench_ours(model, args, res):
     res["peak_gib_ours"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
     del g, run, k_cache, v_cache
     torch.cuda.empty_cache()
+
+
+def set_norm(model, on: bool) -> None:
+    """--norm-kernel: the engine's one-launch RMSNorm and residual add (engine/triton_norm.py), as `engine.LLM`
+    sets it on its own fused model; it applies where the step is not compiled."""
+    from engine.triton_norm import decode_rms_norm
+
+    model.set_norm(decode_rms_norm if on and model.fused else None)
 
 
 def set_gemm(model, gemm: str) -> None:
@@ -382,9 +395,10 @@ def main(argv=None) -> int:
     ap.add_argument("--reserve-gb", type=float, default=12.0, help="GPU memory left out of the KV pool")
     ap.add_argument("--hf", type=int, default=1, help="0: skip the HF comparison")
     ap.add_argument("--compile", type=int, default=1, help="torch.compile the decode step inside the graphs")
-    ap.add_argument("--norm-kernel", type=int, default=1,
-                    help="1: RMSNorm in one Triton launch where the step is not compiled (engine/triton_norm.py, as "
-                         "the engine); 0: the model's torch code everywhere")
+    ap.add_argument("--norm-kernel", default="1",
+                    help="comma-separated: 1 = RMSNorm and the residual add before it in one Triton launch where the "
+                         "step is not compiled (engine/triton_norm.py, as the engine), 0 = the model's torch code; "
+                         "each value with each --gemm (0,1: an A/B in one run)")
     ap.add_argument("--profile", type=int, default=0, help="1: per-kernel GPU time of one step")
     ap.add_argument("--hf-compile", default="", help="batch sizes whose HF generate is torch.compiled")
     ap.add_argument("--gemm", default="triton", help="decode GEMMs: triton (engine default), torch (cuBLAS); "
@@ -410,10 +424,6 @@ def main(argv=None) -> int:
     torch.set_default_dtype(torch.float32)
     if args.fuse:
         model.fuse_projections()
-        if args.norm_kernel:  # as engine.LLM routes its own (fused) model's norms
-            from engine.triton_norm import decode_rms_norm
-
-            model.set_norm(decode_rms_norm)
     res["fused"] = bool(args.fuse)
     res["params"] = sum(p.numel() for p in model.parameters())
     torch.cuda.reset_peak_memory_stats()
