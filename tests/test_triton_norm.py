@@ -90,13 +90,16 @@ def test_kernel_matches_the_reference():
         w = (torch.rand(d, device="cuda", generator=g) + 0.5).to(wdt)
         out, ref = kernel(x, w, 1e-6), rms_norm(x, w, 1e-6)
         assert out.dtype == ref.dtype and out.shape == ref.shape
-        # the row's sum of squares is reduced in another order: a last-bit rstd can flip a rare rounding
-        torch.testing.assert_close(out, ref, rtol=2 * torch.finfo(xdt).eps, atol=1e-6)
-        assert (out == ref).float().mean() > 0.98
+        # the row's sum of squares is reduced in another order: rstd may differ in its last float32 bit, which
+        # moves every float32 output by an ulp or so and flips a rare half-precision rounding
+        half = xdt != torch.float32
+        tol = dict(rtol=2 * torch.finfo(xdt).eps, atol=1e-6) if half else dict(rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(out, ref, **tol)
+        assert not half or (out == ref).float().mean() > 0.98
         delta = torch.randn(x.shape, device="cuda", generator=g).to(xdt)
         h, out = add_rms_norm(x, delta, w, 1e-6)
         assert torch.equal(h, x + delta)  # one rounding of the same float32 sum
-        torch.testing.assert_close(out, rms_norm(x + delta, w, 1e-6), rtol=2 * torch.finfo(xdt).eps, atol=1e-6)
+        torch.testing.assert_close(out, rms_norm(x + delta, w, 1e-6), **tol)
     assert kernel(torch.empty(0, 64, device="cuda"), torch.ones(64, device="cuda"), 1e-6).shape == (0, 64)
     with pytest.raises(ValueError, match="weight"):
         kernel(torch.randn(3, 8, device="cuda"), torch.ones(4, device="cuda"), 1e-6)
