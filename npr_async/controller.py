@@ -184,6 +184,9 @@ def run_step(cluster: Cluster, step: int, rows: list[dict], on_dispatch=None) ->
                    # the generators' garbage-collector pauses (the slowest one's ms; full collections, all of them)
                    rollout_gc_ms=max((r.metrics.get("gc_ms", 0.0) for r in reports), default=0.0),
                    rollout_gc_full=sum(r.metrics.get("gc_full", 0.0) for r in reports),
+                   # the longest a generator sat waiting for its GPU's tokens: near rollout_actor_s, GPU-bound;
+                   # far below it, the generators' host work (or CPU contention) sets the pace
+                   rollout_wait_s=max((r.metrics.get("wait_ms", 0.0) / 1e3 for r in reports), default=0.0),
                    stale_dropped=stats["stale_dropped"], duplicates=stats["duplicates"],
                    transport_lost=stats["transport_lost"])
     return metrics

@@ -73,6 +73,7 @@ def test_on_policy_steps_checkpoint_and_resume(sft_model, tmp_path):
         assert m["sequences"] > 0 and math.isfinite(m["loss"]) and math.isfinite(m["grad_norm"])
         assert m["learner_gc_ms"] >= 0 and m["learner_gc_full"] >= 0  # collector pauses, reported
         assert m["rollout_gc_ms"] >= 0 and m["rollout_gc_full"] >= 0
+        assert 0 <= m["rollout_wait_s"] <= m["rollout_actor_s"]  # blocked on the device's tokens, within the call
     state = RunState(**json.loads((run / "state.json").read_text()))
     assert state.phase == "rl" and state.rl_step == 2
     assert (run / "checkpoints" / "step_000002" / "model.safetensors").is_file()
