@@ -43,11 +43,7 @@ def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
     t = k.shape[0]
     if t == 0:
         return
-    k, v = k.reshape(t, -1), v.reshape(t, -1)
-    if k.stride(1) != 1:
-        k = k.contiguous()
-    if v.stride(1) != 1:
-        v = v.contiguous()
+    k, v = unit_stride_rows(k, t, -1), unit_stride_rows(v, t, -1)
     row = k.shape[1]
     assert k_cache.is_contiguous() and v_cache.is_contiguous() and k_cache[0].numel() == row
     _store_kv_kernel[(t,)](k, v, k_cache, v_cache, slot_mapping, k.stride(0), v.stride(0),
@@ -231,6 +227,13 @@ def default_splits(rows: int, num_kv_heads: int, device: torch.device) -> int:
     return max(1, min(max_splits, triton.next_power_of_2(want)))
 
 
+def unit_stride_rows(t: torch.Tensor, rows: int, width: int) -> torch.Tensor:
+    """t as [rows, width] with unit stride along a row (the kernels' layout of a step's new k / v): a view of a
+    q/k/v projection's output as it comes, a copy only when its last dim is strided."""
+    t = t.reshape(rows, width)
+    return t if t.stride(1) == 1 else t.contiguous()
+
+
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, *,
                      indptr: torch.Tensor | None = None, indices: torch.Tensor | None = None,
                      table: torch.Tensor | None = None, lens: torch.Tensor | None = None,
@@ -263,11 +266,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         return out
     if new_kv is not None:
         k_new, v_new, new_slots = new_kv
-        k_new, v_new = k_new.reshape(r, hkv * d), v_new.reshape(r, hkv * d)
-        if k_new.stride(1) != 1:
-            k_new = k_new.contiguous()
-        if v_new.stride(1) != 1:
-            v_new = v_new.contiguous()
+        k_new, v_new = unit_stride_rows(k_new, r, hkv * d), unit_stride_rows(v_new, r, hkv * d)
         assert k_cache.is_contiguous() and v_cache.is_contiguous() and new_slots.shape == (r,)
     else:
         k_new = v_new = new_slots = out  # unused placeholders

@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from engine.triton_attention import online_softmax_tile
+from engine.triton_attention import online_softmax_tile, unit_stride_rows
 
 
 @triton.jit
@@ -107,11 +107,7 @@ def fork_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
     r, hq, d = q.shape
     hkv = k_cache.shape[1]
     k_new, v_new, new_slots = new_kv
-    k_new, v_new = k_new.reshape(r, hkv * d), v_new.reshape(r, hkv * d)
-    if k_new.stride(1) != 1:
-        k_new = k_new.contiguous()
-    if v_new.stride(1) != 1:
-        v_new = v_new.contiguous()
+    k_new, v_new = unit_stride_rows(k_new, r, hkv * d), unit_stride_rows(v_new, r, hkv * d)
     if (hq % hkv or q.stride(2) != 1 or table.stride(1) != 1 or len(starts) < r + 1 or len(trunks) < r
             or table.numel() >= 1 << 31):
         raise ValueError(f"fork_decode_attention: q {tuple(q.shape)} over {hkv} KV heads, table strides "

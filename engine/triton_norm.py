@@ -15,6 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
+from engine.triton_attention import unit_stride_rows
+
 
 @triton.jit
 def _rms_norm_kernel(x_ptr, d_ptr, w_ptr, out_ptr, sum_ptr, stride_x, stride_d, stride_out, stride_sum, n, eps,
@@ -34,19 +36,14 @@ def _rms_norm_kernel(x_ptr, d_ptr, w_ptr, out_ptr, sum_ptr, stride_x, stride_d, 
     tl.store(out_ptr + row * stride_out + offs, (w * y).to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def _rows(t: torch.Tensor, d: int) -> torch.Tensor:
-    rows = t.reshape(-1, d)
-    return rows if rows.stride(-1) == 1 else rows.contiguous()
-
-
 def _launch(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float):
     d = x.shape[-1]
     if weight.shape != (d,) or (delta is not None and delta.shape != x.shape):
         raise ValueError(f"rms_norm: weight {tuple(weight.shape)}"
                          + ("" if delta is None else f", delta {tuple(delta.shape)}") + f" for x {tuple(x.shape)}")
-    rows, weight = _rows(x, d), weight.contiguous()
+    rows, weight = unit_stride_rows(x, -1, d), weight.contiguous()
     summed = None if delta is None else torch.empty(rows.shape, dtype=torch.result_type(x, delta), device=x.device)
-    dr = rows if delta is None else _rows(delta, d)
+    dr = rows if delta is None else unit_stride_rows(delta, -1, d)
     out = torch.empty(rows.shape, dtype=torch.result_type(weight, rows if summed is None else summed),
                       device=x.device)
     sr = out if summed is None else summed
