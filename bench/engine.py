@@ -395,7 +395,8 @@ def main(argv=None) -> int:
     ap.add_argument("--layers", type=int, default=QWEN3_4B["num_hidden_layers"], help="fewer for a smoke run")
     ap.add_argument("--reserve-gb", type=float, default=12.0, help="GPU memory left out of the KV pool")
     ap.add_argument("--hf", type=int, default=1, help="0: skip the HF comparison")
-    ap.add_argument("--compile", type=int, default=1, help="torch.compile the decode step inside the graphs")
+    ap.add_argument("--compile", type=int, default=0,
+                    help="1: torch.compile the decode step inside the graphs (the engine's default is not to)")
     ap.add_argument("--norm-kernel", default="1",
                     help="comma-separated: 1 = RMSNorm and the residual add before it in one Triton launch where the "
                          "step is not compiled (engine/triton_norm.py, as the engine), 0 = the model's torch code; "

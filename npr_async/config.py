@@ -61,9 +61,9 @@ class EngineConfig(Section):
     max_batch_tokens: Pos = 8192  # tokens per forward (prefill chunks + decodes)
     attention_backend: Literal["torch", "triton"] = "torch"
     cuda_graphs: bool = False
-    # with cuda_graphs: torch.compile the captured decode step (Inductor fuses the ~50 small kernels of a layer).
-    # A one-time compile of 1-3 minutes at the first step, then e.g. 4.4 instead of 5.6 ms per forward at 96
-    # samples x 4 branches (0.6B shape, H200); a batch shape class first seen later recompiles once (~1.5 s)
+    # with cuda_graphs: torch.compile the captured decode step. Off by default: since the engine's one-launch
+    # RMSNorm (engine/triton_norm.py) the uncompiled step is as fast (H200: 3.86 ms both at 64 rows of the 4B
+    # shape; 4.1-4.4 vs 4.0-4.3 ms per forward in a 0.6B rollout call) and skips a 1-3 minute first-call compile
     compile_graphs: bool = False
     decode_gemm: Literal["torch", "triton"] = "triton"  # on CUDA: projections of small batches (engine/decode_linear.py)
     branch_repetition_penalty: PosFloat = 1.02
