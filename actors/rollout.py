@@ -106,7 +106,9 @@ class RolloutGenerator:
         self.llm.generate(prompts, params, prompt_ids=[p.prompt_id for p, _ in work], version=request.version,
                           on_finished=push, max_running=self.cfg.rollout.chunk_samples)
         # gc_ms / gc_full: the garbage collector's pauses in the call (full collections should not happen)
-        counters = ("forwards", "graph_steps", "steps_ahead", "preemptions", "gc_ms", "gc_full", "wait_ms")
+        # jit_compiles / jit_ms: Triton kernels compiled for shapes new to the process, on the host, mid-call
+        counters = ("forwards", "graph_steps", "steps_ahead", "preemptions", "gc_ms", "gc_full", "wait_ms",
+                    "jit_compiles", "jit_ms")
         engine = {"engine_calls": 1.0, **{k: float(self.llm.last_stats.get(k, 0)) for k in counters},
                   # the rest of the step: prompts; sending (a full queue blocks it) is counted apart
                   "engine_s": time.perf_counter() - t_gen - send_s}

@@ -98,8 +98,12 @@ def main(argv=None) -> int:
               f"{rec['forwards']} forwards ({rec['graph_steps']} graph, {rec['steps_ahead']} ahead), "
               f"{rec['ms_per_forward']:.2f} ms each, {rec['tokens_per_s']:,.0f} tok/s, {rec['wait_ms']:.0f} ms waiting "
               f"for the device's tokens; garbage collector "
-              + ", ".join(f"gen{g} {n}x {ms:.1f} ms" for g, (n, ms) in sorted(pauses.by_generation.items())),
-              flush=True)
+              + ", ".join(f"gen{g} {n}x {ms:.1f} ms" for g, (n, ms) in sorted(pauses.by_generation.items()))
+              + f"; {rec['jit_compiles']} Triton compiles, {rec['jit_ms'] / 1e3:.2f} s", flush=True)
+        if rec["jit_compiles"]:
+            rec["jit_kernels"], rec["jit_signatures"] = dict(llm.last_jit.by_kernel), llm.last_jit.signatures
+            print("  compiled: " + ", ".join(f"{k} {n}x" for k, n in llm.last_jit.by_kernel.most_common()), flush=True)
+            Path(a.out).write_text(json.dumps(res, indent=1))
         return wall, rec
 
     runs = [(bool(int(c)), bool(int(n))) for c in a.compile.split(",") for n in a.norm_kernel.split(",")]

@@ -24,6 +24,7 @@ import torch
 
 from engine import step_ahead
 from engine.gc_pauses import GcPauses
+from engine.jit_compiles import TritonCompiles
 from engine.kv_store import KVStore
 from engine.npr_state import Limits, Request
 from engine.paged_attention import PagedAttention
@@ -104,6 +105,7 @@ class LLM:
         self.sampler = BatchSampler(self.device)
         self._seeds = random.Random()
         self.last_stats: dict = {}
+        self.last_jit = TritonCompiles()  # the last call's Triton compilations (`last_stats` has their count)
 
     @staticmethod
     def _tags(tokenizer, config: EngineConfig) -> TagIds:
@@ -187,7 +189,8 @@ class LLM:
         done: dict[int, Trajectory] = {}
         try:
             forwards = 0
-            with GcPauses() as pauses:  # the collector's stalls, reported: `_settle_heap` should have ended them
+            # the collector's stalls (`_settle_heap` should have ended them) and Triton's compilations, reported
+            with GcPauses() as pauses, TritonCompiles() as jit:
                 while not sched.done():
                     items = sched.schedule()  # empty once the last requests finished
                     self._report(sched.finished, done, on_finished)
@@ -202,7 +205,8 @@ class LLM:
         # call's wall time is host work, so a slow call reads as GPU-bound or host-bound
         self.last_stats = {"forwards": forwards, "graph_steps": self._graph_steps, "steps_ahead": self._steps_ahead,
                            "preemptions": sched.num_preemptions, "gc_ms": pauses.ms, "gc_full": pauses.full,
-                           "wait_ms": 1e3 * self.sampler.wait_s}
+                           "wait_ms": 1e3 * self.sampler.wait_s, "jit_compiles": jit.count, "jit_ms": jit.ms}
+        self.last_jit = jit  # which kernels compiled and their new signatures (bench/rollout.py prints them)
         self.last_requests = reqs  # tests: per-request engine state (e.g. suppressed forks)
         return [done[r.rid] if r.rid in done else self._trajectory(r) for r in reqs]
 
