@@ -74,6 +74,7 @@ def test_on_policy_steps_checkpoint_and_resume(sft_model, tmp_path):
         assert m["learner_gc_ms"] >= 0 and m["learner_gc_full"] >= 0  # collector pauses, reported
         assert m["rollout_gc_ms"] >= 0 and m["rollout_gc_full"] >= 0
         assert 0 <= m["rollout_wait_s"] <= m["rollout_actor_s"]  # blocked on the device's tokens, within the call
+        assert 0 <= m["rollout_jit_s"] <= m["rollout_actor_s"]  # Triton compiles: none on a CPU engine
     state = RunState(**json.loads((run / "state.json").read_text()))
     assert state.phase == "rl" and state.rl_step == 2
     assert (run / "checkpoints" / "step_000002" / "model.safetensors").is_file()
