@@ -100,6 +100,7 @@ class LLM:
         self.graphs = None
         self.freeze_heap = self.device.type == "cuda" if freeze_heap is None else freeze_heap
         self._heap_frozen = False
+        self._eager_compiled = False
         self.compile_graphs = config.compile_graphs if compile_graphs is None else compile_graphs
         self._busy = False
         self.sampler = BatchSampler(self.device)
@@ -227,6 +228,14 @@ class LLM:
             graphs = DecodeGraphs(self.model, self.kv.k, self.kv.v, width, sample=False, compile=self.compile_graphs)
             graphs.capture()  # kept only once whole: a failed capture is tried again at the next call
             self.graphs = graphs
+        if self.device.type == "cuda" and not self._eager_compiled:
+            # the Triton specialisations eager steps can launch, compiled now rather than mid-call on the host
+            from engine.jit_warmup import compile_eager_kernels
+            from engine.triton_attention import TritonPagedAttention
+
+            compile_eager_kernels(self.model, self.kv.k[0], self.kv.v[0], self.config.max_batch_tokens,
+                                  attention=isinstance(self.attn, TritonPagedAttention))
+            self._eager_compiled = True
         if self.freeze_heap and (captured or not self._heap_frozen):
             self.last_requests = []
             gc.collect()

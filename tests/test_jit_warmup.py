@@ -1,0 +1,100 @@
+"""engine/jit_warmup.py: the row counts it launches cover every launch class (brute force over all row counts),
+the products it finds are the ones the engine's GEMM takes; on a GPU, after the engine's set-up, eager launches
+at other row counts compile nothing."""
+import pytest
+import torch
+
+from engine.decode_linear import decode_linear
+from engine.jit_warmup import attention_row_counts, gemm_products, int_class, representatives
+from engine.model import CausalLM, ModelArgs
+
+CFG = dict(model_type="qwen3", vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+           num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=256,
+           tie_word_embeddings=True)
+
+
+def covers(reps: list[int], classify, limit: int) -> None:
+    """Every n in 1..limit shares its class with exactly one representative, the smallest n of that class."""
+    by_class = {classify(r): r for r in reps}
+    assert len(by_class) == len(reps)
+    for n in range(1, limit + 1):
+        assert classify(n) in by_class and by_class[classify(n)] <= n
+
+
+def test_representatives_are_the_first_of_each_class():
+    classify = lambda n: (n % 7 == 0, int_class(n))  # noqa: E731
+    reps = representatives(classify, 120)
+    covers(reps, classify, 120)
+    assert reps == [1, 2, 7, 16, 112]  # (F, 1), (F, -), (T, -), (F, 16), (T, 16)
+    assert [int_class(n) for n in (1, 2, 16, 32, 33)] == ["1", "-", "16", "16", "-"]
+
+
+@pytest.mark.parametrize("kv_heads", [1, 2, 8])
+def test_attention_row_counts_cover_every_launch_config(kv_heads):
+    pytest.importorskip("triton")
+    from engine.triton_attention import default_block_n, default_splits, default_stages
+
+    dev = torch.device("cpu")  # the interpreter's split rule; on a GPU the SM count's (the GPU test below)
+    classify = lambda r: (default_splits(r, kv_heads, dev), default_block_n(r, kv_heads),  # noqa: E731
+                          default_stages(r, kv_heads))
+    reps = attention_row_counts(2048, kv_heads, dev)
+    covers(reps, classify, 2048)
+    assert 1 < len(reps) < 20  # a handful of launches, not one per row count
+
+
+def test_gemm_row_counts_cover_the_skinny_gemms_classes():
+    pytest.importorskip("triton")
+    from engine import triton_gemm
+    from engine.jit_warmup import gemm_row_counts
+
+    for n, k in ((151936, 1024), (6144, 1024), (1024, 2048)):  # LM head (wide), gate/up, o of the 0.6B shape
+        classify = lambda m: (int_class(m), tuple(sorted(triton_gemm.config(m, n, k, 132).items())))  # noqa: E731
+        reps = gemm_row_counts(n, k, 132)
+        taken = [m for m in range(1, 257) if triton_gemm.takes(m, n)]
+        assert set(reps) <= set(taken)
+        covers(reps, classify, max(taken))
+    head = gemm_row_counts(151936, 1024, 132)
+    assert any(32 < m < 64 and m % 16 for m in head)  # the 64-row block at a row count no graph bucket has
+
+
+def test_gemm_products_are_the_distinct_products_the_engine_routes():
+    m = CausalLM(ModelArgs.from_hf_config(CFG)).eval().fuse_projections()
+    assert gemm_products(m) == []  # no engine GEMM set: nothing to compile
+    m.set_gemm(decode_linear)
+    got = {(tuple(w.shape), b is None, gated) for w, b, gated in gemm_products(m)}
+    h, i, v, hd = CFG["hidden_size"], CFG["intermediate_size"], CFG["vocab_size"], CFG["head_dim"]
+    q, kv = CFG["num_attention_heads"] * hd, CFG["num_key_value_heads"] * hd
+    assert got == {((q + 2 * kv, h), True, False), ((h, q), True, False), ((2 * i, h), True, True),
+                   ((h, i), True, False), ((v, h), True, False)}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_after_the_engines_set_up_eager_launches_compile_nothing(tmp_path):
+    pytest.importorskip("triton")
+    from engine import triton_gemm
+    from engine.jit_compiles import TritonCompiles
+    from engine.llm import LLM
+    from engine.triton_attention import decode_attention
+    from npr_async.config import EngineConfig
+    from npr_async.models import init_model
+
+    path = init_model("tiny", str(tmp_path / "m"), seed=0)
+    llm = LLM(path, config=EngineConfig(kv_slots=512, attention_backend="triton", max_batch_tokens=600),
+              device="cuda", dtype=torch.bfloat16)
+    llm.generate(["hi"], n=1)  # sets up: graph capture (off here) and the eager kernels' compilation
+    a, kc, vc = llm.model.args, llm.kv.k[0], llm.kv.v[0]
+    with TritonCompiles() as c:
+        for r in (3, 5, 13, 21, 37, 77, 130, 333, 600):
+            q = torch.randn(r, a.num_heads, a.head_dim, device="cuda", dtype=kc.dtype)
+            kv = torch.randn(r, a.num_kv_heads, a.head_dim, device="cuda", dtype=kc.dtype)
+            indptr = torch.arange(r + 1, dtype=torch.int32, device="cuda")
+            idx = torch.randint(0, 512, (r,), dtype=torch.int32, device="cuda")
+            decode_attention(q, kc, vc, indptr=indptr, indices=idx)
+            decode_attention(q, kc, vc, indptr=indptr, indices=idx, new_kv=(kv, kv, torch.full_like(idx, -1)))
+        for w, b, gated in gemm_products(llm.model):
+            for m in (3, 7, 16, 37, 50, 64):
+                if triton_gemm.takes(m, w.shape[0]):
+                    triton_gemm.skinny_linear(torch.randn(m, w.shape[1], device="cuda", dtype=w.dtype), w, b,
+                                              gated=gated)
+    torch.cuda.synchronize()
+    assert c.count == 0, dict(c.by_kernel)
