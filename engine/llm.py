@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import gc
 import random
+import warnings
 from collections.abc import Callable
 from operator import attrgetter
 from pathlib import Path
@@ -233,8 +234,12 @@ class LLM:
             from engine.jit_warmup import compile_eager_kernels
             from engine.triton_attention import TritonPagedAttention
 
-            compile_eager_kernels(self.model, self.kv.k[0], self.kv.v[0], self.config.max_batch_tokens,
-                                  attention=isinstance(self.attn, TritonPagedAttention))
+            try:
+                compile_eager_kernels(self.model, self.kv.k[0], self.kv.v[0], self.config.max_batch_tokens,
+                                      attention=isinstance(self.attn, TritonPagedAttention))
+            except Exception as e:  # an optimisation only: the kernels then compile at their first use
+                warnings.warn(f"compiling the eager steps' Triton kernels ahead failed ({e!r}); they compile "
+                              "at first use, mid-call", RuntimeWarning, stacklevel=2)
             self._eager_compiled = True
         if self.freeze_heap and (captured or not self._heap_frozen):
             self.last_requests = []

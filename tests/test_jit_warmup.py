@@ -48,7 +48,8 @@ def test_gemm_row_counts_cover_the_skinny_gemms_classes():
     from engine.jit_warmup import gemm_row_counts
 
     for n, k in ((151936, 1024), (6144, 1024), (1024, 2048)):  # LM head (wide), gate/up, o of the 0.6B shape
-        classify = lambda m: (int_class(m), tuple(sorted(triton_gemm.config(m, n, k, 132).items())))  # noqa: E731
+        def classify(m, n=n, k=k):
+            return int_class(m), tuple(sorted(triton_gemm.config(m, n, k, 132).items()))
         reps = gemm_row_counts(n, k, 132)
         taken = [m for m in range(1, 257) if triton_gemm.takes(m, n)]
         assert set(reps) <= set(taken)
