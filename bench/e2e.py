@@ -250,7 +250,8 @@ def run_config(args, base_overrides: list[str], n_gen: int, streaming: bool, chu
                           f"{e['ms_per_forward']:.2f} ms each, {e['engine_s']:.2f} s in the engine "
                           f"({e.get('wait_ms', 0) / 1e3:.2f} s waiting for the device's tokens); garbage collector "
                           f"{e.get('gc_ms', 0):.0f} ms, {e.get('gc_full', 0):.0f} full; "
-                          f"{e.get('jit_compiles', 0):.0f} Triton compiles, {e.get('jit_ms', 0) / 1e3:.2f} s", flush=True)
+                          f"{e.get('jit_compiles', 0):.0f} Triton compiles, {e.get('jit_ms', 0) / 1e3:.2f} s",
+                          flush=True)
     finally:
         cluster.rollouts = [getattr(r, "_handle", r) for r in cluster.rollouts]
         cluster.shutdown()
