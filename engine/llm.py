@@ -31,6 +31,7 @@ from engine.npr_state import Limits, Request
 from engine.paged_attention import PagedAttention
 from engine.sampler import BatchSampler, SamplingParams
 from engine.scheduler import Scheduler, independent
+from engine.trajectory_out import no_fork_at, to_trajectory
 from npr_async.config import EngineConfig
 from npr_async.messages import Trajectory
 from npr_async.tags import JOIN_HEADER, TagIds, step_header
@@ -349,34 +350,6 @@ class LLM:
 
     # output -----------------------------------------------------------------------------------
     def _trajectory(self, req: Request) -> Trajectory:
-        order = req.flat_order()
-        new = {s: i for i, s in enumerate(order)}
-        ids, pos, seg_ids, lps = [], [], [], []
-        for s in order:
-            seg = req.segs[s]
-            ids += seg.tokens
-            pos += seg.positions
-            seg_ids += [new[s]] * len(seg.tokens)
-            lps += seg.logprobs
-        lps_a = np.asarray(lps, dtype=np.float32)
-        pos_a = np.asarray(pos, dtype=np.int32)
-        gen_pos = pos_a[req.prompt_len:]
-        return Trajectory.build(
-            token_ids=ids, positions=pos_a, segment_ids=seg_ids,
-            parents=[[new[p] for p in req.segs[s].parents] for s in order],
-            logprobs=lps_a, sampled=~np.isnan(lps_a), prompt_id=req.prompt_id, sample_idx=req.sample_idx,
-            version=self.version, prompt_len=req.prompt_len, finish_reason=req.finish_reason or "abort",
-            text=self.tokenizer.decode(ids[req.prompt_len:], skip_special_tokens=True),
-            num_tokens=req.generated, num_forks=req.num_forks, num_branches=req.num_branches,
-            critical_path=int(gen_pos.max()) + 1 - req.path_start if len(gen_pos) else 0, seed=req.seed)
+        return to_trajectory(req, self.version, self.tokenizer)
 
-    @staticmethod
-    def no_fork_at(req: Request) -> list[int]:
-        """Token indices (flat order) of `</guideline>`s where the fork was suppressed (parse_structure's
-        `no_fork_at`)."""
-        start, offsets = 0, {}
-        for s in req.flat_order():
-            offsets[s] = start
-            start += len(req.segs[s].tokens)
-        return [offsets[s] + k for s, k in req.no_fork_at]
-
+    no_fork_at = staticmethod(no_fork_at)
