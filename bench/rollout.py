@@ -100,6 +100,11 @@ def main(argv=None) -> int:
               f"for the device's tokens; garbage collector "
               + ", ".join(f"gen{g} {n}x {ms:.1f} ms" for g, (n, ms) in sorted(pauses.by_generation.items()))
               + f"; {rec['jit_compiles']} Triton compiles, {rec['jit_ms'] / 1e3:.2f} s", flush=True)
+        if k == 0 and llm.setup_stats:  # the eager kernels compiled ahead (engine/jit_warmup.py)
+            rec["setup"] = llm.setup_stats
+            st = llm.setup_stats
+            print(f"  set-up: {st['eager_launches']} eager-kernel launches, {st['jit_compiles']} Triton compiles, "
+                  f"{st['jit_ms'] / 1e3:.2f} s", flush=True)
         if rec["jit_compiles"]:
             rec["jit_kernels"], rec["jit_signatures"] = dict(llm.last_jit.by_kernel), llm.last_jit.signatures
             print("  compiled: " + ", ".join(f"{k} {n}x" for k, n in llm.last_jit.by_kernel.most_common()), flush=True)

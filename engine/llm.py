@@ -103,6 +103,7 @@ class LLM:
         self.freeze_heap = self.device.type == "cuda" if freeze_heap is None else freeze_heap
         self._heap_frozen = False
         self._eager_compiled = False
+        self.setup_stats: dict = {}  # the eager kernels' compilation at the first call (`_settle_heap`)
         self.compile_graphs = config.compile_graphs if compile_graphs is None else compile_graphs
         self._busy = False
         self.sampler = BatchSampler(self.device)
@@ -236,8 +237,10 @@ class LLM:
             from engine.triton_attention import TritonPagedAttention
 
             try:
-                compile_eager_kernels(self.model, self.kv.k[0], self.kv.v[0], self.config.max_batch_tokens,
-                                      attention=isinstance(self.attn, TritonPagedAttention))
+                with TritonCompiles() as jit:
+                    n = compile_eager_kernels(self.model, self.kv.k[0], self.kv.v[0], self.config.max_batch_tokens,
+                                              attention=isinstance(self.attn, TritonPagedAttention))
+                self.setup_stats = {"eager_launches": n, "jit_compiles": jit.count, "jit_ms": jit.ms}
             except Exception as e:  # an optimisation only: the kernels then compile at their first use
                 warnings.warn(f"compiling the eager steps' Triton kernels ahead failed ({e!r}); they compile "
                               "at first use, mid-call", RuntimeWarning, stacklevel=2)
