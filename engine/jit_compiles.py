@@ -14,7 +14,9 @@ from collections import Counter
 
 try:
     from triton import knobs
-except ImportError:  # no Triton, or one older than its knobs (3.4): nothing compiles through these hooks
+except ImportError:  # no Triton, or one older than its knobs (3.4): no hooks to count with
+    knobs = None
+if knobs is not None and not hasattr(knobs.runtime, "jit_post_compile_hook"):
     knobs = None
 
 
