@@ -101,8 +101,7 @@ def main(argv=None) -> int:
               + ", ".join(f"gen{g} {n}x {ms:.1f} ms" for g, (n, ms) in sorted(pauses.by_generation.items()))
               + f"; {rec['jit_compiles']} Triton compiles, {rec['jit_ms'] / 1e3:.2f} s", flush=True)
         if k == 0 and llm.setup_stats:  # the eager kernels compiled ahead (engine/jit_warmup.py)
-            rec["setup"] = llm.setup_stats
-            st = llm.setup_stats
+            st = rec["setup"] = llm.setup_stats
             print(f"  set-up: {st['eager_launches']} eager-kernel launches, {st['jit_compiles']} Triton compiles, "
                   f"{st['jit_ms'] / 1e3:.2f} s", flush=True)
         if rec["jit_compiles"]:

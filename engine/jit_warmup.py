@@ -88,11 +88,14 @@ def compile_eager_kernels(model, k_cache: torch.Tensor, v_cache: torch.Tensor, m
             for new_kv in (None, (kv_new, kv_new, nowhere)):
                 decode_attention(q, k_cache, v_cache, indptr=indptr, indices=indices, new_kv=new_kv)
                 launches += 1
-    for w, b, gated in gemm_products(model):
+    products = gemm_products(model)
+    if products:
         from engine import triton_gemm
 
+        sms = triton_gemm._sm_count(dev.index or 0)  # the count skinny_linear's launch config reads
+    for w, b, gated in products:
         n, k = w.shape
-        for m in gemm_row_counts(n, k, torch.cuda.get_device_properties(dev).multi_processor_count):
+        for m in gemm_row_counts(n, k, sms):
             x = torch.zeros(m, k, dtype=w.dtype, device=w.device)
             if _triton_capable(x, w):
                 triton_gemm.skinny_linear(x, w, b, gated=gated)

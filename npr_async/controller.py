@@ -187,8 +187,8 @@ def run_step(cluster: Cluster, step: int, rows: list[dict], on_dispatch=None) ->
                    # the longest a generator sat waiting for its GPU's tokens: near rollout_actor_s, GPU-bound;
                    # far below it, the generators' host work (or CPU contention) sets the pace
                    rollout_wait_s=max((r.metrics.get("wait_ms", 0.0) / 1e3 for r in reports), default=0.0),
-                   # Triton kernels the generators compiled mid-call for shapes new to their process (the most
-                   # seconds any one spent): a slow early step on a fresh machine that is this reads as it
+                   # the most seconds a generator spent compiling Triton kernels mid-call (shapes new to its
+                   # process): when a slow early step on a fresh machine is that, this says so
                    rollout_jit_s=max((r.metrics.get("jit_ms", 0.0) / 1e3 for r in reports), default=0.0),
                    stale_dropped=stats["stale_dropped"], duplicates=stats["duplicates"],
                    transport_lost=stats["transport_lost"])
