@@ -1,12 +1,14 @@
 """Compile ahead the Triton specialisations an eager engine step can launch, so none compiles mid-call.
 
 Triton compiles a kernel once per launch configuration (constexprs) and argument properties (an int equal to 1
-or divisible by 16). CUDA-graph capture compiles what a decode step launches at the bucketed batch sizes; an eager
-step (prompts, and the forced fork / join headers while graphs are on) launches the same GEMM and the CSR form of
-the attention kernel at any row count, and a row count of a class the buckets did not cover compiled on the host
-in the middle of a rollout call: 2 compiles, 0.46 s, in a generator's third call on a fresh H200 host
-(`engine/jit_compiles.py`'s count; BENCHMARKS.md, session 15). `compile_eager_kernels` launches one row count of
-each class on scratch inputs when the engine sets up (the KV cache is read, never written; outputs are dropped).
+or divisible by 16, a pointer's 16-byte alignment). CUDA-graph capture compiles what a decode step launches at the
+bucketed batch sizes; an eager step (prompts, and the forced fork / join headers while graphs are on) launches the
+same GEMM and the CSR form of the attention kernel at any row count, and the engine loop's sampler draws outside
+the graphs at every step's exact row count. A row count of a class not yet seen compiled on the host in the middle
+of a rollout call: on a fresh H200 host the sampler's two kernels, 4 compiles (1.33 s) in the first call, 2 and 4
+in later ones (`engine/jit_compiles.py`'s count; BENCHMARKS.md, sessions 15-16). `compile_eager_kernels` launches
+one row count of each class on scratch inputs when the engine sets up (the KV cache is read, never written;
+outputs are dropped); `engine/triton_sampling.split` keeps the sampler's classes to two.
 """
 from __future__ import annotations
 
@@ -35,6 +37,13 @@ def attention_row_counts(max_rows: int, num_kv_heads: int, device: torch.device)
 
     return representatives(lambda r: (default_splits(r, num_kv_heads, device), default_block_n(r, num_kv_heads),
                                       default_stages(r, num_kv_heads)), max_rows)
+
+
+def sampler_row_counts(vocab: int, max_rows: int) -> list[int]:
+    """Row counts of the engine sampler's fused launch (`inverse_cdf_sample`) that cover its launch configs."""
+    from engine.triton_sampling import BLOCK, split
+
+    return representatives(lambda b: split(vocab, b, BLOCK, 1), max_rows)
 
 
 def gemm_row_counts(n: int, k: int, sms: int) -> list[int]:
@@ -68,10 +77,12 @@ def gemm_products(model) -> list[tuple[torch.Tensor, torch.Tensor | None, bool]]
 
 
 @torch.inference_mode()
-def compile_eager_kernels(model, k_cache: torch.Tensor, v_cache: torch.Tensor, max_rows: int, attention: bool) -> int:
+def compile_eager_kernels(model, k_cache: torch.Tensor, v_cache: torch.Tensor, max_rows: int, attention: bool,
+                          sample: bool = False) -> int:
     """Launch each Triton specialisation an eager step of `model` can need: the skinny GEMM of every product the
-    engine routes to it, and with `attention` the CSR decode-attention launch over one layer's caches [S, Hkv, D]
-    up to max_rows query rows. Returns the launches made."""
+    engine routes to it, with `attention` the CSR decode-attention launch over one layer's caches [S, Hkv, D], and
+    with `sample` the sampler's fused draw (every step's, graph steps' too), up to max_rows rows. Returns the
+    launches made."""
     from engine.decode_linear import _triton_capable
 
     dev, launches = k_cache.device, 0
@@ -88,6 +99,16 @@ def compile_eager_kernels(model, k_cache: torch.Tensor, v_cache: torch.Tensor, m
             for new_kv in (None, (kv_new, kv_new, nowhere)):
                 decode_attention(q, k_cache, v_cache, indptr=indptr, indices=indices, new_kv=new_kv)
                 launches += 1
+    if sample:
+        from engine.triton_sampling import inverse_cdf_sample
+
+        reps = sampler_row_counts(model.args.vocab_size, max_rows)
+        x = torch.zeros(reps[-1], model.args.vocab_size, dtype=torch.float32, device=dev)  # as compute_logits'
+        for b in reps:
+            ones = torch.ones(b, dtype=torch.float32, device=dev)
+            inverse_cdf_sample(x[:b], ones, ones, torch.zeros_like(ones))  # hot rows, temperature 1
+            launches += 2
+        del x
     products = gemm_products(model)
     if products:
         from engine import triton_gemm

@@ -232,14 +232,16 @@ class LLM:
             graphs.capture()  # kept only once whole: a failed capture is tried again at the next call
             self.graphs = graphs
         if self.device.type == "cuda" and not self._eager_compiled:
-            # the Triton specialisations eager steps can launch, compiled now rather than mid-call on the host
+            # the Triton specialisations eager steps and the sampler can launch, compiled now, not mid-call
+            from engine import sampler as sampling
             from engine.jit_warmup import compile_eager_kernels
             from engine.triton_attention import TritonPagedAttention
 
             try:
                 with TritonCompiles() as jit:
                     n = compile_eager_kernels(self.model, self.kv.k[0], self.kv.v[0], self.config.max_batch_tokens,
-                                              attention=isinstance(self.attn, TritonPagedAttention))
+                                              attention=isinstance(self.attn, TritonPagedAttention),
+                                              sample=sampling.FUSED)
                 self.setup_stats = {"eager_launches": n, "jit_compiles": jit.count, "jit_ms": jit.ms}
             except Exception as e:  # an optimisation only: the kernels then compile at their first use
                 warnings.warn(f"compiling the eager steps' Triton kernels ahead failed ({e!r}); they compile "

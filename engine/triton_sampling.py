@@ -17,6 +17,22 @@ import torch
 import triton
 import triton.language as tl
 
+BLOCK = 1024  # columns per step of a program
+# Per-row pointers are not specialised on 16-byte alignment: the partials' rows start b * nchunk floats in and the
+# engine's uniforms 5 * b floats in, so their alignment followed the row count b and each new class compiled in
+# the middle of a rollout call (BENCHMARKS.md, session 16). Each program loads a scalar or a few floats there.
+ROW_PTRS = ["t_ptr", "m_ptr", "s_ptr", "r_ptr", "i_ptr", "hot_ptr", "u_ptr", "tok_ptr", "lp_ptr"]
+
+
+def split(v: int, b: int, block: int, step: int) -> tuple[int, int]:
+    """(chunk, nchunk): the columns of a [b, v] launch in chunks of 4 blocks up to 256 rows, 8 above (both whole
+    `step * block` spans for step 1 and 4). On an H200 at [b, 151936] float32 that came within 2% of the best of
+    1..48 chunks a row at every b from 1 to 2048, where the earlier count falling with b (1024 / b programs) took
+    up to 2.5x as long (BENCHMARKS.md, session 16); and two launch configurations cover every b, compiled when
+    the engine sets up (engine/jit_warmup.py)."""
+    chunk = (4 if b <= 256 else 8) * block
+    return chunk, triton.cdiv(v, chunk)
+
 
 @triton.jit
 def _lanes(x_ptr, row, col, V, stride_x, inv_t, u, m, s, best, best_i, HOT: tl.constexpr):
@@ -35,7 +51,7 @@ def _lanes(x_ptr, row, col, V, stride_x, inv_t, u, m, s, best, best_i, HOT: tl.c
     return m_new, s, tl.where(take, race, best), tl.where(take, col, best_i)
 
 
-@triton.jit
+@triton.jit(do_not_specialize_on_alignment=ROW_PTRS)
 def _chunk_kernel(x_ptr, t_ptr, seed_ptr, m_ptr, s_ptr, r_ptr, i_ptr, V, stride_x,
                   CHUNK: tl.constexpr, BLOCK: tl.constexpr, NCHUNK: tl.constexpr, RACE: tl.constexpr):
     """Per (row, chunk) of x / T: the online max and sum-exp, and the best race (RACE and T > 0: Gumbel-max,
@@ -99,7 +115,7 @@ def _best_of_chunks(r_ptr, i_ptr, o, ok):
     return tl.min(tl.where(r == tl.max(r, 0), i, 2147483647), 0)
 
 
-@triton.jit
+@triton.jit(do_not_specialize_on_alignment=ROW_PTRS)
 def _merge_kernel(x_ptr, t_ptr, m_ptr, s_ptr, r_ptr, i_ptr, tok_ptr, lp_ptr, stride_x, NCHUNK: tl.constexpr,
                   BLOCK_C: tl.constexpr):
     row = tl.program_id(0)
@@ -115,7 +131,7 @@ def _merge_kernel(x_ptr, t_ptr, m_ptr, s_ptr, r_ptr, i_ptr, tok_ptr, lp_ptr, str
 
 def gumbel_sample(logits: torch.Tensor, temperature: torch.Tensor, seed: torch.Tensor,
                   tokens: torch.Tensor | None = None, logprobs: torch.Tensor | None = None,
-                  block: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+                  block: int = BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
     """logits [B, V] (any float dtype, unit column stride), temperature [B] float32 (0 = greedy), seed: a
     one-element int64 device tensor (bump it between calls for fresh draws). Returns (tokens int64 [B],
     logprobs float32 [B]) in `tokens` / `logprobs` when given. Graph-safe: buffers depend only on B."""
@@ -126,10 +142,7 @@ def gumbel_sample(logits: torch.Tensor, temperature: torch.Tensor, seed: torch.T
     logprobs = torch.empty(b, dtype=torch.float32, device=dev) if logprobs is None else logprobs
     if b == 0:
         return tokens, logprobs
-    # enough (row, chunk) programs for a few waves at small batches; whole rows per chunk stay >= 8 blocks
-    nchunk = max(1, min(triton.cdiv(v, 8 * block), triton.cdiv(1024, b)))
-    chunk = triton.cdiv(triton.cdiv(v, nchunk), 4 * block) * 4 * block  # the kernel steps 4 blocks at a time
-    nchunk = triton.cdiv(v, chunk)
+    chunk, nchunk = split(v, b, block, 4)  # the race steps 4 blocks at a time (one Philox evaluation)
     part = torch.empty(3, b * nchunk, dtype=torch.float32, device=dev)
     idx = torch.empty(b * nchunk, dtype=torch.int32, device=dev)
     _chunk_kernel[(b, nchunk)](logits, temperature, seed, part[0], part[1], part[2], idx, v, logits.stride(0),
@@ -139,7 +152,7 @@ def gumbel_sample(logits: torch.Tensor, temperature: torch.Tensor, seed: torch.T
     return tokens, logprobs
 
 
-@triton.jit
+@triton.jit(do_not_specialize_on_alignment=ROW_PTRS)
 def _cdf_pick_kernel(x_ptr, t_ptr, hot_ptr, u_ptr, m_ptr, s_ptr, r_ptr, i_ptr, tok_ptr, lp_ptr, V, stride_x,
                      CHUNK: tl.constexpr, BLOCK: tl.constexpr, NCHUNK: tl.constexpr, BLOCK_C: tl.constexpr):
     """One program per row: the log-sum-exp from the chunks; a hot row finds the chunk where the running mass
@@ -177,7 +190,7 @@ def _cdf_pick_kernel(x_ptr, t_ptr, hot_ptr, u_ptr, m_ptr, s_ptr, r_ptr, i_ptr, t
 
 
 def inverse_cdf_sample(logits: torch.Tensor, temperature: torch.Tensor, hot: torch.Tensor, u: torch.Tensor,
-                       block: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+                       block: int = BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
     """`engine.sampler.draw` without filters in two launches: logits [B, V] float32 (unit column stride),
     temperature [B] (> 0; greedy rows 1), hot [B] (> 0: sample, else argmax), u [B] uniforms in [0, 1).
     Returns (tokens int64 [B], logprobs float32 [B] under softmax(logits / T)). The cumulative sums run in
@@ -192,10 +205,7 @@ def inverse_cdf_sample(logits: torch.Tensor, temperature: torch.Tensor, hot: tor
     logprobs = torch.empty(b, dtype=torch.float32, device=dev)
     if b == 0:
         return tokens, logprobs
-    # a few waves of (row, chunk) programs for the reduction; the one walk per row covers a single chunk
-    nchunk = max(1, min(triton.cdiv(v, 8 * block), triton.cdiv(1024, b)))
-    chunk = triton.cdiv(triton.cdiv(v, nchunk), block) * block
-    nchunk = triton.cdiv(v, chunk)
+    chunk, nchunk = split(v, b, block, 1)  # the one walk per row covers a single chunk
     part = torch.empty(3, b * nchunk, dtype=torch.float32, device=dev)
     idx = torch.empty(b * nchunk, dtype=torch.int32, device=dev)
     _chunk_kernel[(b, nchunk)](logits, temperature, idx, part[0], part[1], part[2], idx, v, logits.stride(0),

@@ -1,6 +1,6 @@
 """engine/jit_warmup.py: the row counts it launches cover every launch class (brute force over all row counts),
 the products it finds are the ones the engine's GEMM takes; on a GPU, after the engine's set-up, eager launches
-at other row counts compile nothing."""
+(and the sampler's) at other row counts compile nothing."""
 import pytest
 import torch
 
@@ -58,6 +58,21 @@ def test_gemm_row_counts_cover_the_skinny_gemms_classes():
     assert any(32 < m < 64 and m % 16 for m in head)  # the 64-row block at a row count no graph bucket has
 
 
+@pytest.mark.parametrize("vocab", [300, 151936])
+def test_sampler_row_counts_cover_the_split_classes(vocab):
+    pytest.importorskip("triton")
+    from engine.jit_warmup import sampler_row_counts
+    from engine.triton_sampling import BLOCK, split
+
+    reps = sampler_row_counts(vocab, 4096)
+    covers(reps, lambda b: split(vocab, b, BLOCK, 1), 4096)
+    assert len(reps) <= 2 and reps[-1] <= 257  # two launch configs; the scratch logits stay small
+    for b in range(1, 4096):  # every split tiles the row: whole blocks, the last chunk non-empty
+        for step in (1, 4):
+            chunk, nchunk = split(vocab, b, BLOCK, step)
+            assert chunk % (step * BLOCK) == 0 and (nchunk - 1) * chunk < vocab <= nchunk * chunk
+
+
 def test_gemm_products_are_the_distinct_products_the_engine_routes():
     m = CausalLM(ModelArgs.from_hf_config(CFG)).eval().fuse_projections()
     assert gemm_products(m) == []  # no engine GEMM set: nothing to compile
@@ -76,6 +91,7 @@ def test_after_the_engines_set_up_eager_launches_compile_nothing(tmp_path):
     from engine.jit_compiles import TritonCompiles
     from engine.llm import LLM
     from engine.triton_attention import decode_attention
+    from engine.triton_sampling import inverse_cdf_sample
     from npr_async.config import EngineConfig
     from npr_async.models import init_model
 
@@ -92,6 +108,10 @@ def test_after_the_engines_set_up_eager_launches_compile_nothing(tmp_path):
             idx = torch.randint(0, 512, (r,), dtype=torch.int32, device="cuda")
             decode_attention(q, kc, vc, indptr=indptr, indices=idx)
             decode_attention(q, kc, vc, indptr=indptr, indices=idx, new_kv=(kv, kv, torch.full_like(idx, -1)))
+        for b in (3, 5, 13, 21, 57, 77, 130, 333, 600):  # the sampler's rows: views into its [6, b] parameters
+            f = torch.rand(6, b, device="cuda")
+            logits = torch.randn(b, a.vocab_size, device="cuda")
+            inverse_cdf_sample(logits, f[0] + 0.5, f[4] - 0.5, f[5])
         for w, b, gated in gemm_products(llm.model):
             for m in (3, 7, 16, 37, 50, 64):
                 if triton_gemm.takes(m, w.shape[0]):
