@@ -43,7 +43,7 @@ def sampler_row_counts(vocab: int, max_rows: int) -> list[int]:
     """Row counts of the engine sampler's fused launch (`inverse_cdf_sample`) that cover its launch configs."""
     from engine.triton_sampling import BLOCK, split
 
-    return representatives(lambda b: split(vocab, b, BLOCK, 1), max_rows)
+    return representatives(lambda b: split(vocab, b, BLOCK), max_rows)
 
 
 def gemm_row_counts(n: int, k: int, sms: int) -> list[int]:

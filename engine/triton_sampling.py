@@ -24,12 +24,12 @@ BLOCK = 1024  # columns per step of a program
 ROW_PTRS = ["t_ptr", "m_ptr", "s_ptr", "r_ptr", "i_ptr", "hot_ptr", "u_ptr", "tok_ptr", "lp_ptr"]
 
 
-def split(v: int, b: int, block: int, step: int) -> tuple[int, int]:
-    """(chunk, nchunk): the columns of a [b, v] launch in chunks of 4 blocks up to 256 rows, 8 above (both whole
-    `step * block` spans for step 1 and 4). On an H200 at [b, 151936] float32 that came within 2% of the best of
-    1..48 chunks a row at every b from 1 to 2048, where the earlier count falling with b (1024 / b programs) took
-    up to 2.5x as long (BENCHMARKS.md, session 16); and two launch configurations cover every b, compiled when
-    the engine sets up (engine/jit_warmup.py)."""
+def split(v: int, b: int, block: int) -> tuple[int, int]:
+    """(chunk, nchunk): the columns of a [b, v] launch in chunks of 4 blocks up to 256 rows, 8 above (whole steps
+    of the Gumbel race, which draws 4 blocks' uniforms at a time). On an H200 at [b, 151936] float32 that came
+    within 2% of the best of 1..48 chunks a row at every b from 1 to 2048, where the earlier count falling with b
+    (1024 / b programs) took up to 2.5x as long (BENCHMARKS.md, session 16); and two launch configurations cover
+    every b, compiled when the engine sets up (engine/jit_warmup.py)."""
     chunk = (4 if b <= 256 else 8) * block
     return chunk, triton.cdiv(v, chunk)
 
@@ -142,7 +142,7 @@ def gumbel_sample(logits: torch.Tensor, temperature: torch.Tensor, seed: torch.T
     logprobs = torch.empty(b, dtype=torch.float32, device=dev) if logprobs is None else logprobs
     if b == 0:
         return tokens, logprobs
-    chunk, nchunk = split(v, b, block, 4)  # the race steps 4 blocks at a time (one Philox evaluation)
+    chunk, nchunk = split(v, b, block)
     part = torch.empty(3, b * nchunk, dtype=torch.float32, device=dev)
     idx = torch.empty(b * nchunk, dtype=torch.int32, device=dev)
     _chunk_kernel[(b, nchunk)](logits, temperature, seed, part[0], part[1], part[2], idx, v, logits.stride(0),
@@ -205,7 +205,7 @@ def inverse_cdf_sample(logits: torch.Tensor, temperature: torch.Tensor, hot: tor
     logprobs = torch.empty(b, dtype=torch.float32, device=dev)
     if b == 0:
         return tokens, logprobs
-    chunk, nchunk = split(v, b, block, 1)  # the one walk per row covers a single chunk
+    chunk, nchunk = split(v, b, block)  # the one walk per row covers a single chunk
     part = torch.empty(3, b * nchunk, dtype=torch.float32, device=dev)
     idx = torch.empty(b * nchunk, dtype=torch.int32, device=dev)
     _chunk_kernel[(b, nchunk)](logits, temperature, idx, part[0], part[1], part[2], idx, v, logits.stride(0),

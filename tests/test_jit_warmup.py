@@ -65,12 +65,11 @@ def test_sampler_row_counts_cover_the_split_classes(vocab):
     from engine.triton_sampling import BLOCK, split
 
     reps = sampler_row_counts(vocab, 4096)
-    covers(reps, lambda b: split(vocab, b, BLOCK, 1), 4096)
+    covers(reps, lambda b: split(vocab, b, BLOCK), 4096)
     assert len(reps) <= 2 and reps[-1] <= 257  # two launch configs; the scratch logits stay small
-    for b in range(1, 4096):  # every split tiles the row: whole blocks, the last chunk non-empty
-        for step in (1, 4):
-            chunk, nchunk = split(vocab, b, BLOCK, step)
-            assert chunk % (step * BLOCK) == 0 and (nchunk - 1) * chunk < vocab <= nchunk * chunk
+    for b in range(1, 4096):  # every split tiles the row in whole race steps (4 blocks), the last chunk non-empty
+        chunk, nchunk = split(vocab, b, BLOCK)
+        assert chunk % (4 * BLOCK) == 0 and (nchunk - 1) * chunk < vocab <= nchunk * chunk
 
 
 def test_gemm_products_are_the_distinct_products_the_engine_routes():
