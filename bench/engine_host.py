@@ -165,7 +165,9 @@ def run_case(model, tok, r, k, args, ph: Phases, profile: bool):
     gpu = args.device == "cuda"
     cfg = EngineConfig(kv_slots=args.slots, max_batch_tokens=8192, max_plans=16, cuda_graphs=gpu and bool(args.graphs),
                        attention_backend="triton" if gpu else "torch")
-    llm = llm_mod.LLM(model, tok, cfg, device=args.device, compile_graphs=bool(args.compile))
+    # the heap frozen as the rollout actor has it: else a full collection of the model's and torch's objects lands
+    # in some phase of the timed call (160 ms in one schedule of the 96x4 case on the CPU, 2 ms a step on average)
+    llm = llm_mod.LLM(model, tok, cfg, device=args.device, compile_graphs=bool(args.compile), freeze_heap=True)
     if not gpu and args.graphs:  # the graph path's host side on the CPU (each "replay" runs the step)
         llm.use_graphs = True
     prompts, p = workload(tok, r, k, args)
@@ -186,9 +188,11 @@ def run_case(model, tok, r, k, args, ph: Phases, profile: bool):
     steps = llm.last_stats["forwards"]
     tokens = sum(t.num_tokens for t in trajs)
     phases = {k: 1e3 * v / steps for k, v in ph.t.items()}
-    res = dict(device=args.device, graphs=llm.last_stats.get("graph_steps", 0), requests=r, k=k, vocab=model.args.vocab_size, steps=steps, tokens=tokens, wall_s=wall,
+    res = dict(device=args.device, graphs=llm.last_stats.get("graph_steps", 0), requests=r, k=k,
+               vocab=model.args.vocab_size, steps=steps, tokens=tokens, wall_s=wall,
                ms_per_step=1e3 * wall / steps, ms_per_step_no_forward=1e3 * wall / steps - phases.get("forward", 0),
                ms_per_step_host=1e3 * wall / steps - phases.get("forward", 0) - phases.get("wait", 0),
+               gc_ms=llm.last_stats["gc_ms"],
                phase_ms_per_step=phases, finish={f: sum(t.finish_reason == f for t in trajs)
                                                  for f in {t.finish_reason for t in trajs}})
     if args.count_ops:  # a second run under a dispatch mode (slow): torch ops per step per phase
@@ -256,7 +260,7 @@ def main(argv=None) -> int:
                 print(f"V={vocab} {r}x{k}: {res['steps']} steps ({res['graphs']} in graphs), {res['tokens']} tokens, "
                       f"{res['ms_per_step']:.2f} ms/step ({res['ms_per_step_no_forward']:.2f} without forward, "
                       f"{res['ms_per_step_host']:.2f} host work without the wait for the GPU) "
-                      f"| {ms} | finish {res['finish']}", flush=True)
+                      f"| {ms} | collector {res['gc_ms']:.1f} ms | finish {res['finish']}", flush=True)
                 if "ops_per_step" in res:
                     print(f"  torch ops/step: {res['ops_per_step']}", flush=True)
                 if "cprofile" in res:
