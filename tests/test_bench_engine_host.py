@@ -18,4 +18,4 @@ def test_engine_host_runs_the_workload_and_reports_its_phases(tmp_path):
     assert res["tokens"] == r * (k * n + take)  # k steps of n tokens, then the takeaway
     assert 0 < res["graphs"] < res["steps"]  # the prompts' forward is eager, the decode steps are graph steps
     assert {"schedule", "forward", "build", "sample", "state"} <= set(res["phase_ms_per_step"])
-    assert res["ops_per_step"]["forward"] > 0 and res["gc_ms"] >= 0
+    assert res["ops_per_step"]["forward"] > 0  # the dispatch-mode rerun counted the forward's torch ops
