@@ -72,6 +72,7 @@ class RolloutGenerator:
     def generate(self, request: RolloutRequest, only: dict[str, list[int]] | None = None) -> StepReport:
         """Sample `request.samples_per_prompt` trajectories of each prompt (or only the listed indices of
         `only`, a re-dispatch) and push each one to the verifier pool."""
+        from engine.llm import HOST_PHASES
         from engine.sampler import SamplingParams
         from npr_async.tokenizer import format_prompt
 
@@ -107,8 +108,9 @@ class RolloutGenerator:
                           on_finished=push, max_running=self.cfg.rollout.chunk_samples)
         # gc_ms / gc_full: the garbage collector's pauses in the call (full collections should not happen)
         # jit_compiles / jit_ms: Triton kernels compiled for shapes new to the process, on the host, mid-call
+        # schedule_ms ... report_ms: the host's own work by phase (engine.llm.HOST_PHASES)
         counters = ("forwards", "graph_steps", "steps_ahead", "preemptions", "gc_ms", "gc_full", "wait_ms",
-                    "jit_compiles", "jit_ms")
+                    "jit_compiles", "jit_ms", *(f"{k}_ms" for k in HOST_PHASES))
         engine = {"engine_calls": 1.0, **{k: float(self.llm.last_stats.get(k, 0)) for k in counters},
                   # the rest of the step: prompts; sending (a full queue blocks it) is counted apart
                   "engine_s": time.perf_counter() - t_gen - send_s}

@@ -212,6 +212,7 @@ def run_config(args, base_overrides: list[str], n_gen: int, streaming: bool, chu
                model_dir: str, rows: list[dict], verifier: dict | None) -> tuple[dict, dict | None]:
     import ray
 
+    from engine.llm import HOST_PHASES
     from npr_async.config import load_config
     from npr_async.controller import Cluster, run_step, step_prompts
 
@@ -250,8 +251,8 @@ def run_config(args, base_overrides: list[str], n_gen: int, streaming: bool, chu
                           f"{e['ms_per_forward']:.2f} ms each, {e['engine_s']:.2f} s in the engine "
                           f"({e.get('wait_ms', 0) / 1e3:.2f} s waiting for the device's tokens); garbage collector "
                           f"{e.get('gc_ms', 0):.0f} ms, {e.get('gc_full', 0):.0f} full; "
-                          f"{e.get('jit_compiles', 0):.0f} Triton compiles, {e.get('jit_ms', 0) / 1e3:.2f} s",
-                          flush=True)
+                          f"{e.get('jit_compiles', 0):.0f} Triton compiles, {e.get('jit_ms', 0) / 1e3:.2f} s; host s: "
+                          + ", ".join(f"{k} {e.get(f'{k}_ms', 0) / 1e3:.2f}" for k in HOST_PHASES), flush=True)
     finally:
         cluster.rollouts = [getattr(r, "_handle", r) for r in cluster.rollouts]
         cluster.shutdown()

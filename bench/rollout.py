@@ -58,7 +58,7 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
 
     import engine.cuda_graphs as cuda_graphs
-    from engine.llm import LLM
+    from engine.llm import HOST_PHASES, LLM
     from engine.sampler import SamplingParams
     from npr_async.config import load_config
     from npr_async.pipeline import prepare_data
@@ -99,7 +99,8 @@ def main(argv=None) -> int:
               f"{rec['ms_per_forward']:.2f} ms each, {rec['tokens_per_s']:,.0f} tok/s, {rec['wait_ms']:.0f} ms waiting "
               f"for the device's tokens; garbage collector "
               + ", ".join(f"gen{g} {n}x {ms:.1f} ms" for g, (n, ms) in sorted(pauses.by_generation.items()))
-              + f"; {rec['jit_compiles']} Triton compiles, {rec['jit_ms'] / 1e3:.2f} s", flush=True)
+              + f"; {rec['jit_compiles']} Triton compiles, {rec['jit_ms'] / 1e3:.2f} s; host s: "
+              + ", ".join(f"{p} {rec[f'{p}_ms'] / 1e3:.3f}" for p in HOST_PHASES), flush=True)
         if k == 0 and llm.setup_stats:  # the eager kernels compiled ahead (engine/jit_warmup.py)
             st = rec["setup"] = llm.setup_stats
             print(f"  set-up: {st['eager_launches']} eager-kernel launches, {st['jit_compiles']} Triton compiles, "

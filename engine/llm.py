@@ -19,6 +19,7 @@ import warnings
 from collections.abc import Callable
 from operator import attrgetter
 from pathlib import Path
+from time import perf_counter as clock
 
 import numpy as np
 import torch
@@ -44,6 +45,12 @@ SPLIT_HEADERS = 16
 # reach the host, and so on while every row decodes on (engine/step_ahead.py): 5-7% less per step of the
 # engine loop on an H200 with a Qwen3-4B shape (BENCHMARKS.md).
 STEP_AHEAD = True
+
+# The host's own work per call, by phase (`last_stats[f"{phase}_ms"]`): scheduling; launch (a forward's inputs,
+# its launch and the sampler's, steps ahead included; on the CPU the forward itself); take (the NPR state
+# machine); report (trajectories out, `on_finished` included). With wait_ms (blocked on the device) they say
+# where a slow call's time went.
+HOST_PHASES = ("schedule", "launch", "take", "report")
 
 _tokens, _context_len = attrgetter("n"), attrgetter("length")  # of a scheduler Item, read per row in C
 
@@ -191,16 +198,23 @@ class LLM:
         if self.graphs is not None:
             self.graphs.reset_rows()
         done: dict[int, Trajectory] = {}
+        self._host = host = dict.fromkeys(HOST_PHASES, 0.0)  # seconds, by phase (HOST_PHASES)
         try:
             forwards = 0
             # the collector's stalls (`_settle_heap` should have ended them) and Triton's compilations, reported
             with GcPauses() as pauses, TritonCompiles() as jit:
                 while not sched.done():
+                    t0 = clock()
                     items = sched.schedule()  # empty once the last requests finished
+                    t1 = clock()
                     self._report(sched.finished, done, on_finished)
+                    host["schedule"] += t1 - t0
+                    host["report"] += clock() - t1
                     forwards += self._step(items)
                 sched.retire()
+                t1 = clock()
                 self._report(sched.finished, done, on_finished)
+                host["report"] += clock() - t1
         finally:
             self._busy = False
             for req in sched.running:  # an exception left them resident: their KV goes back to the pool
@@ -209,7 +223,8 @@ class LLM:
         # call's wall time is host work, so a slow call reads as GPU-bound or host-bound
         self.last_stats = {"forwards": forwards, "graph_steps": self._graph_steps, "steps_ahead": self._steps_ahead,
                            "preemptions": sched.num_preemptions, "gc_ms": pauses.ms, "gc_full": pauses.full,
-                           "wait_ms": 1e3 * self.sampler.wait_s, "jit_compiles": jit.count, "jit_ms": jit.ms}
+                           "wait_ms": 1e3 * self.sampler.wait_s, "jit_compiles": jit.count, "jit_ms": jit.ms,
+                           **{f"{k}_ms": 1e3 * v for k, v in host.items()}}
         self.last_jit = jit  # which kernels compiled and their new signatures (bench/rollout.py prints them)
         self.last_requests = reqs  # tests: per-request engine state (e.g. suppressed forks)
         return [done[r.rid] if r.rid in done else self._trajectory(r) for r in reqs]
@@ -279,6 +294,7 @@ class LLM:
         steps ran ahead: `STEP_AHEAD`)."""
         if not items:
             return 0
+        t = clock()
         graphs = self._graphs_for(items)
         sampling = [i for i, it in enumerate(items) if it.sample is not None]
         todo = [items[i] for i in sampling]
@@ -289,15 +305,19 @@ class LLM:
                 logits = logits[sampling]
         else:
             logits = self._forward(items)
+        if todo:
+            fed, out = self.sampler.launch(logits, todo)
+        self._host["launch"] += clock() - t
         if not todo:
             return 1
-        fed, out = self.sampler.launch(logits, todo)
         forwards = 1
         # every row of a graph step decodes: the step after runs ahead of the host, and so on while every row
         # decodes on and no request waits for admission (the scheduler then takes over again)
         ahead = STEP_AHEAD and graphs is not None and len(todo) == len(items)
         while True:
+            t = clock()
             nxt = step_ahead.launch(self, todo, graphs, fed) if ahead and not self._sched.window_open() else None
+            self._host["launch"] += clock() - t
             tokens, logprobs = self.sampler.collect(out)
             self._take(todo, tokens, logprobs)
             if nxt is None:
@@ -317,6 +337,7 @@ class LLM:
 
     def _take(self, todo, tokens: list[int], logprobs: list[float]) -> None:
         """Each sampled token's transition, in the items' order; sampler rows of branches done go back."""
+        t0 = clock()
         for it, t, lp in zip(todo, tokens, logprobs):
             it.req.on_sampled(it.sample, t, lp)
         for it in todo:  # table rows of branches that will not sample again go back
@@ -324,6 +345,7 @@ class LLM:
                 self.sampler.release((it.sample, *it.req.branches))
             elif it.sample.state == "done":
                 self.sampler.release((it.sample,))
+        self._host["take"] += clock() - t0
 
     def _forward(self, items) -> torch.Tensor | None:
         """An eager forward (prompt chunks, forced headers, or graphs off): logits of the rows that sample."""

@@ -668,6 +668,37 @@ def test_wait_for_the_devices_tokens_is_counted_per_call(tiny, monkeypatch):
     assert llm.last_stats["wait_ms"] < 3 * len(reads)  # the next call starts from zero
 
 
+def test_the_hosts_work_is_counted_by_phase(tiny, monkeypatch):
+    """`last_stats` schedule_ms / launch_ms / take_ms / report_ms: each phase made slower by a known sleep per
+    call shows at least that much in its own counter, and the phases with wait_ms stay within the call's wall."""
+    from engine.npr_state import Request
+    from engine.sampler import BatchSampler
+    from engine.scheduler import Scheduler
+
+    calls = {"schedule": 0, "launch": 0, "take": 0, "report": 0}
+    sleep_ms = {"schedule": 2, "launch": 3, "take": 1, "report": 4}
+
+    def slowed(fn, phase):
+        def f(*a, **kw):
+            calls[phase] += 1
+            time.sleep(sleep_ms[phase] / 1e3)
+            return fn(*a, **kw)
+        return f
+
+    monkeypatch.setattr(Scheduler, "schedule", slowed(Scheduler.schedule, "schedule"))
+    monkeypatch.setattr(BatchSampler, "launch", slowed(BatchSampler.launch, "launch"))
+    monkeypatch.setattr(Request, "on_sampled", slowed(Request.on_sampled, "take"))
+    _, _, llm = tiny
+    t = time.perf_counter()
+    llm.generate(PROMPTS[:2], params(), version=1, on_finished=slowed(lambda i, traj: None, "report"))
+    wall_ms = 1e3 * (time.perf_counter() - t)
+    st = llm.last_stats
+    assert all(calls.values()) and calls["report"] == 2
+    for phase, ms in sleep_ms.items():
+        assert st[f"{phase}_ms"] >= ms * calls[phase], (phase, st)
+    assert sum(st[f"{p}_ms"] for p in calls) + st["wait_ms"] < wall_ms
+
+
 def test_a_failed_graph_capture_is_tried_again_at_the_next_call(tiny, monkeypatch):
     """The graphs are captured before a call's requests exist and kept only once whole: a capture that raises
     leaves none behind (the call fails, nothing was admitted), and the next call captures them."""
