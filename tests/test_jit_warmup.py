@@ -1,6 +1,11 @@
 """engine/jit_warmup.py: the row counts it launches cover every launch class (brute force over all row counts),
 the products it finds are the ones the engine's GEMM takes; on a GPU, after the engine's set-up, eager launches
 (and the sampler's) at other row counts compile nothing."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -70,6 +75,49 @@ def test_sampler_row_counts_cover_the_split_classes(vocab):
     for b in range(1, 4096):  # every split tiles the row in whole race steps (4 blocks), the last chunk non-empty
         chunk, nchunk = split(vocab, b, BLOCK)
         assert chunk % (4 * BLOCK) == 0 and (nchunk - 1) * chunk < vocab <= nchunk * chunk
+
+
+# In a process of its own: bench/triton_resources.py's stand-in sm_90 driver makes every launch compile and return,
+# so Triton's real specialisation keys decide what compiles, with no GPU.
+SAMPLER_KEYS = """
+import json, sys, torch
+sys.path[:0] = [sys.argv[1], sys.argv[1] + "/bench"]
+from triton_resources import compile_only
+from engine.jit_compiles import TritonCompiles
+from engine.jit_warmup import compile_eager_kernels
+from engine.model import CausalLM, ModelArgs
+from engine.triton_sampling import inverse_cdf_sample
+
+compile_only(90)
+cfg = dict(model_type="qwen3", vocab_size=151936, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+           num_attention_heads=2, num_key_value_heads=1, head_dim=8, max_position_embeddings=64)
+model = CausalLM(ModelArgs.from_hf_config(cfg))
+with TritonCompiles() as setup:
+    launches = compile_eager_kernels(model, torch.zeros(1), torch.zeros(1), 8192, attention=False, sample=True)
+with TritonCompiles() as later:  # as the engine's sampler calls it: rows of one [6, b] parameter block
+    for b in [*range(1, 70), 96, 130, 255, 256, 257, 300, 333, 384, 511, 600]:
+        f = torch.rand(6, b)
+        inverse_cdf_sample(torch.zeros(b, 151936), f[0], f[4], f[5])
+print(json.dumps(dict(launches=launches, setup=setup.count, later=later.count)))
+"""
+
+
+def test_after_the_sampler_warm_up_no_row_count_compiles_on_sm90(tmp_path):
+    """With Triton's real keys (compiled for sm_90, no GPU): the set-up compiles the sampler's 2 launch configs x 2
+    kernels, and 80 row counts from 1 to 600 with the engine's argument layout then compile nothing (the earlier
+    chunking and alignment-specialised pointers compiled 33 kernels over the same row counts)."""
+    pytest.importorskip("triton")
+    from engine import jit_compiles
+
+    if jit_compiles.knobs is None:
+        pytest.skip("needs Triton's runtime knobs (3.4+)")
+    script = tmp_path / "keys.py"
+    script.write_text(SAMPLER_KEYS)
+    ROOT = Path(__file__).resolve().parents[1]
+    run = subprocess.run([sys.executable, str(script), str(ROOT)], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    got = json.loads(run.stdout.strip().splitlines()[-1])
+    assert got == {"launches": 4, "setup": 4, "later": 0}
 
 
 def test_gemm_products_are_the_distinct_products_the_engine_routes():
