@@ -79,46 +79,66 @@ def test_sampler_row_counts_cover_the_split_classes(vocab):
 
 
 # In a process of its own: bench/triton_resources.py's stand-in sm_90 driver makes every launch compile and return,
-# so Triton's real specialisation keys decide what compiles, with no GPU.
-SAMPLER_KEYS = """
+# so Triton's real specialisation keys decide what compiles, with no GPU (CPU tensors: the attention's split rule
+# is the interpreter's, the GEMM and the sampler's are the GPU's).
+REAL_KEYS = """
 import json, sys, torch
 sys.path[:0] = [sys.argv[1], sys.argv[1] + "/bench"]
 from triton_resources import compile_only
+from engine import decode_linear, triton_gemm
 from engine.jit_compiles import TritonCompiles
-from engine.jit_warmup import compile_eager_kernels
+from engine.jit_warmup import compile_eager_kernels, gemm_products
 from engine.model import CausalLM, ModelArgs
+from engine.triton_attention import decode_attention
 from engine.triton_sampling import inverse_cdf_sample
 
 compile_only(90)
-cfg = dict(model_type="qwen3", vocab_size=151936, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-           num_attention_heads=2, num_key_value_heads=1, head_dim=8, max_position_embeddings=64)
-model = CausalLM(ModelArgs.from_hf_config(cfg))
+decode_linear._triton_capable = lambda x, w: True  # CPU tensors stand in for the GPU's
+triton_gemm._sm_count = lambda index: 132  # an H200's
+cfg = dict(model_type="qwen3", vocab_size=151936, hidden_size=64, intermediate_size=96, num_hidden_layers=1,
+           num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=64)
+torch.set_default_dtype(torch.bfloat16)
+model = CausalLM(ModelArgs.from_hf_config(cfg)).eval().fuse_projections()
+model.set_gemm(decode_linear.decode_linear)
+kc = torch.zeros(512, 2, 16)
 with TritonCompiles() as setup:
-    launches = compile_eager_kernels(model, torch.zeros(1), torch.zeros(1), 8192, attention=False, sample=True)
-with TritonCompiles() as later:  # as the engine's sampler calls it: rows of one [6, b] parameter block
-    for b in [*range(1, 70), 96, 130, 255, 256, 257, 300, 333, 384, 511, 600]:
-        f = torch.rand(6, b)
-        inverse_cdf_sample(torch.zeros(b, 151936), f[0], f[4], f[5])
-print(json.dumps(dict(launches=launches, setup=setup.count, later=later.count)))
+    launches = compile_eager_kernels(model, kc, kc, 600, attention=True, sample=True)
+with TritonCompiles() as later:  # other row counts, the arguments laid out as the engine's
+    for r in (3, 5, 13, 21, 37, 77, 130, 333, 600):
+        q, kv = torch.zeros(r, 4, 16), torch.zeros(r, 2, 16)
+        indptr, idx = torch.arange(r + 1, dtype=torch.int32), torch.zeros(r, dtype=torch.int32)
+        decode_attention(q, kc, kc, indptr=indptr, indices=idx)
+        decode_attention(q, kc, kc, indptr=indptr, indices=idx, new_kv=(kv, kv, torch.full_like(idx, -1)))
+    for w, b, gated in gemm_products(model):
+        for m in (3, 7, 16, 37, 50, 64):
+            if triton_gemm.takes(m, w.shape[0]):
+                triton_gemm.skinny_linear(torch.zeros(m, w.shape[1]), w, b, gated=gated)
+    for b in [*range(1, 70), 96, 130, 255, 256, 257, 300, 333, 384, 511, 600]:  # rows of one [6, b] block
+        f = torch.rand(6, b, dtype=torch.float32)
+        inverse_cdf_sample(torch.zeros(b, 151936, dtype=torch.float32), f[0], f[4], f[5])
+print(json.dumps(dict(launches=launches, setup=dict(setup.by_kernel), later=dict(later.by_kernel))))
 """
 
 
-def test_after_the_sampler_warm_up_no_row_count_compiles_on_sm90(tmp_path):
-    """With Triton's real keys (compiled for sm_90, no GPU): the set-up compiles the sampler's 2 launch configs x 2
-    kernels, and 80 row counts from 1 to 600 with the engine's argument layout then compile nothing (the earlier
-    chunking and alignment-specialised pointers compiled 33 kernels over the same row counts)."""
+def test_after_the_warm_up_no_row_count_compiles_with_tritons_real_keys(tmp_path):
+    """With Triton's real specialisation keys (compiled for sm_90, no GPU): after `compile_eager_kernels`, the
+    CSR attention at 9 other row counts, the skinny GEMM's products at 6 and the sampler at 80 (1 to 600, the
+    engine's argument layout) compile nothing; the sampler's set-up is its 2 launch configs x 2 kernels (session
+    15's chunking and alignment-specialised pointers compiled 23 more over the same row counts)."""
     pytest.importorskip("triton")
     from engine import jit_compiles
 
     if jit_compiles.knobs is None:
         pytest.skip("needs Triton's runtime knobs (3.4+)")
     script = tmp_path / "keys.py"
-    script.write_text(SAMPLER_KEYS)
-    run = subprocess.run([sys.executable, str(script), str(ROOT)], capture_output=True, text=True, timeout=600,
+    script.write_text(REAL_KEYS)
+    run = subprocess.run([sys.executable, str(script), str(ROOT)], capture_output=True, text=True, timeout=900,
                          check=False)
     assert run.returncode == 0, run.stderr[-2000:]
     got = json.loads(run.stdout.strip().splitlines()[-1])
-    assert got == {"launches": 4, "setup": 4, "later": 0}
+    assert got["later"] == {}, got
+    assert got["setup"]["_chunk_kernel"] == got["setup"]["_cdf_pick_kernel"] == 2, got
+    assert got["setup"]["_decode_kernel"] > 0 and got["setup"]["_skinny_kernel"] > 0, got
 
 
 def test_gemm_products_are_the_distinct_products_the_engine_routes():
