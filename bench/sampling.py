@@ -21,28 +21,14 @@ import triton
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.engine import copy_bandwidth  # noqa: E402
+from bench.gemm import graph_ms  # noqa: E402
 from engine import triton_sampling as ts  # noqa: E402
 
 
-def graph_us(fn, calls: int = 20, replays: int = 10) -> float:
-    """GPU microseconds per call of `fn`, `calls` of them in one CUDA graph."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        fn()  # compiles off the capture stream
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(calls):
-            fn()
-    g.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(replays):
-        g.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return 1e3 * start.elapsed_time(end) / (calls * replays)
+def graph_us(fn, calls: int = 20) -> float:
+    """GPU microseconds per call of `fn`, `calls` of them in one CUDA graph (a few-µs call alone would time the
+    graph's launch)."""
+    return 1e3 * graph_ms(lambda: [fn() for _ in range(calls)], replays=10) / calls
 
 
 def at_chunks(n: int, fn) -> float:
