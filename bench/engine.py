@@ -147,7 +147,9 @@ def bench_ours(model, args, res):
     res["compiled_decode"] = bool(args.compile)
     res["decode_by_gemm"] = {}
     for gemm, norm in reversed(variants):  # the first (the run's default) last, so its graphs serve the rest
-        set_gemm(model, gemm)
+        tuning = set_gemm(model, gemm, rows)
+        if tuning:
+            res[f"gemm_tuning_{label(gemm, norm)}"] = tuning
         set_norm(model, norm)
         g = DecodeGraphs(model, k_cache, v_cache, max_ctx, buckets=rows, compile=bool(args.compile))
         res[f"graph_capture_s_{label(gemm, norm)}"] = round(timed(lambda: g.capture()), 2)
@@ -189,16 +191,27 @@ def set_norm(model, on: bool) -> None:
     model.set_norm(decode_rms_norm if on and model.fused else None)
 
 
-def set_gemm(model, gemm: str) -> None:
+def set_gemm(model, gemm: str, rows: list[int] = ()) -> list[dict]:
     """--gemm: 'triton' = the engine's decode GEMM (engine/decode_linear.py), 'torch' = F.linear (cuBLAS);
-    a '-lt' suffix routes F.linear through cuBLASLt (torch's preferred_blas_library) instead of cuBLAS."""
-    from engine import triton_gemm
-    from engine.decode_linear import decode_linear
+    a '-lt' suffix routes F.linear through cuBLASLt (torch's preferred_blas_library) instead of cuBLAS; a
+    '-tuned' suffix times cuBLASLt's candidate algorithms for the products cuBLAS takes at `rows` and runs the
+    fastest (`tune_decode_gemms`). Returns the tuning's measurements."""
+    from engine import cublaslt, triton_gemm
+    from engine.decode_linear import decode_linear, tune_decode_gemms
 
     model.set_gemm(decode_linear)  # the same traced graph either way: the choice is made inside the op
-    base = gemm.removesuffix("-lt")  # '-lt': the products cuBLAS takes go through cuBLASLt's heuristics
+    base = gemm.removesuffix("-tuned").removesuffix("-lt")
     triton_gemm.MAX_ROWS = {"triton": triton_gemm.DEFAULT_MAX_ROWS, "torch": 0}[base]
-    torch.backends.cuda.preferred_blas_library("cublaslt" if gemm.endswith("-lt") else "cublas")
+    torch.backends.cuda.preferred_blas_library("cublaslt" if "-lt" in gemm else "cublas")
+    cublaslt.clear()
+    if not gemm.endswith("-tuned"):
+        return []
+    reports = tune_decode_gemms(model, list(rows))
+    for r in reports:
+        print(f"tuned M={r['rows']:4d} N={r['N']:6d} K={r['K']:5d}: F.linear {r['f_linear_us']:.1f} us, best "
+              f"{r.get('best')} {r.get('best_us', float('nan')):.1f} us of {r['timed']}/{r['candidates']}, "
+              f"heuristic's first {r.get('first_us', float('nan')):.1f} -> {r['choice'] or 'F.linear'}", flush=True)
+    return reports
 
 
 def measure_decode(run, args, res, batches, weight_bytes, kv_token_bytes, tag) -> list[dict]:
@@ -403,8 +416,10 @@ def main(argv=None) -> int:
                          "each value with each --gemm (0,1: an A/B in one run)")
     ap.add_argument("--profile", type=int, default=0, help="1: per-kernel GPU time of one step")
     ap.add_argument("--hf-compile", default="", help="batch sizes whose HF generate is torch.compiled")
-    ap.add_argument("--gemm", default="triton", help="decode GEMMs: triton (engine default), torch (cuBLAS); "
-                    "-lt appended (triton-lt, torch-lt): cuBLASLt where cuBLAS would run; a list measures the decode "
+    ap.add_argument("--gemm", default="triton-tuned", help="decode GEMMs: triton-tuned (the engine's default: "
+                    "EngineConfig.tune_gemms), triton (Triton for few rows, cuBLAS's own picks else), torch (cuBLAS); "
+                    "-lt appended (triton-lt, torch-lt): cuBLASLt where cuBLAS would run; -tuned appended (triton-tuned): "
+                    "cuBLASLt's algorithms timed per product and row count, the fastest run; a list measures the decode "
                     "table once per entry, the first is used for everything else")
     ap.add_argument("--fuse", type=int, default=1, help="fused q/k/v and gate/up GEMMs (engine inference)")
     ap.add_argument("--llm", default="1x4,16x4", help="engine.LLM loop cases RxK ('' skips)")

@@ -33,6 +33,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.engine import copy_bandwidth  # noqa: E402
+from engine import cublaslt  # noqa: E402
+from engine.cublaslt import graph_ms  # noqa: E402,F401  (bench/sampling.py times through it too)
 from engine.triton_gemm import skinny_linear  # noqa: E402
 
 SHAPES = {  # name -> (N, K, times per step); Qwen3-4B: hidden 2560, 32 x 128 q heads, 8 kv heads, MLP 9728
@@ -41,26 +43,6 @@ SHAPES = {  # name -> (N, K, times per step); Qwen3-4B: hidden 2560, 32 x 128 q 
     "qwen3-0.6b": {"qkv": (4096, 1024, 28), "o": (1024, 2048, 28), "gate_up": (6144, 1024, 28),
                    "down": (1024, 3072, 28), "lm_head": (151936, 1024, 1)},
 }
-
-
-def graph_ms(fn, replays: int = 20) -> float:
-    """Milliseconds per call of `fn` replayed from a CUDA graph."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        fn()  # warm-up off the capture stream: compiles, cuBLAS heuristics
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    g.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(replays):
-        g.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / replays
 
 
 def chain_product(variant: str):
@@ -76,11 +58,19 @@ def chain_product(variant: str):
         tune[key] = int(p[2:])
     if parts[0] == "cublas":
         return lambda x, w, gated: triton_gemm.silu_mul(F.linear(x, w)) if gated else F.linear(x, w)
-    if parts[0] == "engine":
+    if parts[0] in ("engine", "tuned"):  # tuned: the engine's routing after `tune_decode_gemms` (see `chain`)
         return lambda x, w, gated: dl.decode_swiglu(x, w) if gated else dl.decode_linear(x, w)
     if parts[0] == "triton":
         return lambda x, w, gated: skinny_linear(x, w, gated=gated, **tune)
-    raise SystemExit(f"--chain {variant}: starts with cublas, engine or triton")
+    raise SystemExit(f"--chain {variant}: starts with cublas, engine, tuned or triton")
+
+
+def tune_shapes(weights: list[dict], head: torch.Tensor, m: int) -> list[dict]:
+    """`cublaslt.tune` for each product at m rows that the engine leaves to cuBLAS, over the layers' weights."""
+    from engine import triton_gemm
+
+    groups = [[w[name] for w in weights] for name in weights[0]] + [[head]]
+    return [cublaslt.tune(m, ws) for ws in groups if not triton_gemm.takes(m, ws[0].shape[0])]
 
 
 def chain(shape: str, rows: list[int], variants: list[str], copy_bw: float) -> list[dict]:
@@ -99,6 +89,11 @@ def chain(shape: str, rows: list[int], variants: list[str], copy_bw: float) -> l
         first = None
         for v in variants:
             gemm = chain_product(v)
+            cublaslt.clear()
+            if v.startswith("tuned"):  # the chain's own weights, grouped by shape, as the engine tunes its model's
+                for r in tune_shapes(weights, head, m):
+                    print(f"  tuned M={m} N={r['N']} K={r['K']}: F.linear {r['f_linear_us']:.1f} us, best "
+                          f"{r.get('best')} {r.get('best_us', float('nan')):.1f} -> {r['choice']}", flush=True)
 
             def step():
                 h = x0
@@ -111,6 +106,7 @@ def chain(shape: str, rows: list[int], variants: list[str], copy_bw: float) -> l
                 return gemm(h, head, False)
 
             ms = graph_ms(step, replays=10)
+            cublaslt.clear()
             y = step().float()
             first = y if first is None else first
             row = {"rows": m, "variant": v, "ms": ms, "frac": nbytes / (ms * 1e-3) / copy_bw,
@@ -136,6 +132,8 @@ def main() -> int:
     ap.add_argument("--inductor", type=int, default=0, help="1: also time Inductor's max-autotune GEMM (its Triton "
                     "templates vs cuBLAS, picked per shape) as a third column")
     ap.add_argument("--lt", type=int, default=0, help="1: also time F.linear through cuBLASLt (a column of its own)")
+    ap.add_argument("--lt-algos", type=int, default=0, help="N > 0: also time up to N cuBLASLt algorithms (its "
+                    "heuristic's list plus split-K variants, engine/cublaslt.py) and report the fastest")
     ap.add_argument("--chain", default="", help="variants of the chained step (module docstring), e.g. "
                     "cublas,engine,triton,triton+bm32")
     ap.add_argument("--out", required=True)
@@ -169,6 +167,14 @@ def main() -> int:
                 case["cublaslt_ms"] = graph_ms(lambda: [F.linear(x, w) for w in ws]) / copies
                 case["cublaslt_err"] = (F.linear(x, ws[0]).float() - ref).abs().max().item()
                 torch.backends.cuda.preferred_blas_library("cublas")
+            if a.lt_algos:
+                cands = cublaslt.candidates(m, n, k, dtype, 0, a.lt_algos)
+                base, timed = cublaslt.time_candidates(x, ws, cands, replays=10)
+                timed.sort(key=lambda t: t[1])
+                case["lt_algos"] = [{"label": c.label, "ms": ms, "workspace": c.workspace} for c, ms in timed]
+                case["lt_f_linear_ms"] = base
+                if timed:
+                    case["cublaslt_best_ms"] = timed[0][1]
             if a.inductor:  # one shape-specialised compile per (product, rows): autotuning happens in the warm-up
                 mm = torch.compile(lambda x, w: F.linear(x, w), mode="max-autotune-no-cudagraphs", dynamic=False)
                 case["inductor_ms"] = graph_ms(lambda: [mm(x, w) for w in ws]) / copies
@@ -189,7 +195,7 @@ def main() -> int:
             ok = [c for c in case["configs"] if "ms" in c and c["err"] <= 2e-2 * ref.abs().max().item()]
             best = min(ok, key=lambda c: c["ms"])
             case["best"] = best
-            for key in ("cublas", "cublaslt", "default", "inductor"):
+            for key in ("cublas", "cublaslt", "cublaslt_best", "default", "inductor"):
                 if f"{key}_ms" in case:
                     case[f"{key}_frac"] = nbytes / (case[f"{key}_ms"] * 1e-3) / res["copy_bw"]
             case["best_frac"] = nbytes / (best["ms"] * 1e-3) / res["copy_bw"]
@@ -198,11 +204,17 @@ def main() -> int:
             st["cublas_ms"] += times * case["cublas_ms"]
             if a.lt:
                 st["cublaslt_ms"] = st.get("cublaslt_ms", 0.0) + times * case["cublaslt_ms"]
+            if "cublaslt_best_ms" in case:  # the best of cuBLAS and the tuned cuBLASLt algorithm, per product
+                st["tuned_ms"] = st.get("tuned_ms", 0.0) + times * min(case["cublaslt_best_ms"], case["cublas_ms"])
             st["default_ms"] += times * case["default_ms"]
             st["best_ms"] += times * best["ms"]
             st["bytes"] += times * nbytes
             ind = f"inductor {case['inductor_ms'] * 1e3:.1f} us  " if a.inductor else ""
             ind += f"cuBLASLt {case['cublaslt_ms'] * 1e3:.1f} us {case['cublaslt_frac']:.0%}  " if a.lt else ""
+            if case.get("lt_algos"):
+                top = ", ".join(f"{t['label']} {t['ms'] * 1e3:.1f}" for t in case["lt_algos"][:4])
+                ind += (f"cuBLASLt best of {len(case['lt_algos'])} {case['cublaslt_best_ms'] * 1e3:.1f} us "
+                        f"{case['cublaslt_best_frac']:.0%} ({top})  ")
             print(f"{name:8s} M={m:4d} cuBLAS {case['cublas_ms'] * 1e3:.1f} us {case['cublas_frac']:.0%}  {ind}"
                   f"default {case['default_frac']:.0%}  "
                   f"best {case['best_frac']:.0%} {({k: v for k, v in best.items() if k not in ('ms', 'err')})}",
@@ -213,7 +225,8 @@ def main() -> int:
         frac = {k: st["bytes"] / (st[f"{k}_ms"] * 1e-3) / res["copy_bw"] for k in ("cublas", "default", "best")}
         print(f"step M={m}: cuBLAS {st['cublas_ms']:.3f} ms ({frac['cublas']:.0%})  default {st['default_ms']:.3f} "
               f"({frac['default']:.0%})  best-per-product {st['best_ms']:.3f} ({frac['best']:.0%})"
-              + (f"  cuBLASLt {st['cublaslt_ms']:.3f}" if a.lt else ""), flush=True)
+              + (f"  cuBLASLt {st['cublaslt_ms']:.3f}" if a.lt else "")
+              + (f"  cuBLAS or tuned cuBLASLt {st['tuned_ms']:.3f}" if "tuned_ms" in st else ""), flush=True)
     res["steps"] = steps
     Path(a.out).write_text(json.dumps(res, indent=1))
     return 0

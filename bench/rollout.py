@@ -103,8 +103,10 @@ def main(argv=None) -> int:
               + ", ".join(f"{p} {rec[f'{p}_ms'] / 1e3:.3f}" for p in HOST_PHASES), flush=True)
         if k == 0 and llm.setup_stats:  # the eager kernels compiled ahead (engine/jit_warmup.py)
             st = rec["setup"] = llm.setup_stats
-            print(f"  set-up: {st['eager_launches']} eager-kernel launches, {st['jit_compiles']} Triton compiles, "
-                  f"{st['jit_ms'] / 1e3:.2f} s", flush=True)
+            print(f"  set-up: {st.get('eager_launches')} eager-kernel launches, {st.get('jit_compiles')} Triton "
+                  f"compiles, {st.get('jit_ms', 0) / 1e3:.2f} s; cuBLASLt tuning {st.get('gemm_tuning_ms', 0) / 1e3:.2f}"
+                  f" s, {st.get('gemm_retuned', 0)} of {st.get('gemm_tuned', 0)} products on another algorithm",
+                  flush=True)
         if rec["jit_compiles"]:
             rec["jit_kernels"], rec["jit_signatures"] = dict(llm.last_jit.by_kernel), llm.last_jit.signatures
             print("  compiled: " + ", ".join(f"{k} {n}x" for k, n in llm.last_jit.by_kernel.most_common()), flush=True)

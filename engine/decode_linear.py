@@ -7,7 +7,8 @@ count, so one dynamic-shape torch.compile of the decode step serves every CUDA-g
 `triton_gemm.MAX_ROWS = 0` switches a process back to cuBLAS without recompiling (bench/engine.py compares
 both in one run). `decode_swiglu` is the MLP's gate/up product with SwiGLU applied: in the Triton kernel's
 epilogue when it takes the product (the gate/up output never reaches memory, one launch fewer per layer),
-else cuBLAS and one elementwise kernel (what Inductor emitted for it).
+else cuBLAS and one elementwise kernel (what Inductor emitted for it). Products left to cuBLAS run the cuBLASLt
+algorithm `tune_decode_gemms` measured fastest for their shape, where one beat F.linear (engine/cublaslt.py).
 """
 from __future__ import annotations
 
@@ -30,6 +31,18 @@ def _decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
 
         if triton_gemm.takes(x.shape[0], weight.shape[0]):
             return triton_gemm.skinny_linear(x, weight, bias)
+        return _cublas(x, weight, bias)
+    return F.linear(x, weight, bias)
+
+
+def _cublas(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """F.linear, or the tuned cuBLASLt algorithm for this shape (bias-free products only)."""
+    if bias is None:
+        from engine import cublaslt
+
+        algo = cublaslt.choice(x, weight)
+        if algo is not None:
+            return cublaslt.linear(x, weight, algo)
     return F.linear(x, weight, bias)
 
 
@@ -56,7 +69,7 @@ def _decode_swiglu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
 
         if triton_gemm.takes(x.shape[0], weight.shape[0]):
             return triton_gemm.skinny_linear(x, weight, bias, gated=True)
-        return triton_gemm.silu_mul(F.linear(x, weight, bias))
+        return triton_gemm.silu_mul(_cublas(x, weight, bias))
     return _reference_swiglu(x, weight, bias)
 
 
@@ -82,6 +95,41 @@ def decode_swiglu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         return _reference_swiglu(x, weight, bias)
     lead = x.shape[:-1]
     return _decode_swiglu(x.reshape(-1, x.shape[-1]), weight, bias).view(*lead, weight.shape[0] // 2)
+
+
+def tune_decode_gemms(model, rows: list[int]) -> list[dict]:
+    """For each row count and each weight shape of `model`'s bias-free projections and LM head that the Triton
+    kernel does not take: time cuBLASLt's candidate algorithms over the model's own weights of that shape (the
+    layers' distinct copies: HBM time, as a decode step streams them) and keep the fastest where it beats F.linear
+    (`cublaslt.tune`). On a GPU with half-precision weights; elsewhere nothing to do. Returns the measurements."""
+    from engine import cublaslt
+    from engine.model import Linear
+
+    by_shape: dict[tuple[int, int], list[torch.Tensor]] = {}
+    for mod in model.modules():
+        if isinstance(mod, Linear) and mod.bias is None:
+            by_shape.setdefault(tuple(mod.weight.shape), []).append(mod.weight)
+    head = getattr(model, "head_weight", None)
+    if head is not None and all(head is not w for ws in by_shape.values() for w in ws):
+        by_shape.setdefault(tuple(head.shape), []).append(head)
+    reports = []
+    for (n, k), weights in by_shape.items():
+        w0 = weights[0]
+        if not (w0.is_cuda and w0.dtype in (torch.bfloat16, torch.float16) and _tensor_cores(w0.device.index or 0)):
+            continue
+        streamed, use = 0, []
+        for w in weights:  # enough distinct copies to exceed L2 several times over, not all 36 layers
+            use.append(w)
+            streamed += w.numel() * w.element_size()
+            if streamed >= cublaslt.TUNE_BYTES:
+                break
+        from engine import triton_gemm  # a GPU from here: Triton is there
+
+        with torch.no_grad():
+            for m in rows:
+                if not triton_gemm.takes(m, n):
+                    reports.append(cublaslt.tune(m, use))
+    return reports
 
 
 decode_linear.swiglu = decode_swiglu  # CausalLM.set_gemm gives it to the fused MLPs

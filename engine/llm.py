@@ -110,7 +110,8 @@ class LLM:
         self.freeze_heap = self.device.type == "cuda" if freeze_heap is None else freeze_heap
         self._heap_frozen = False
         self._eager_compiled = False
-        self.setup_stats: dict = {}  # the eager kernels' compilation at the first call (`_settle_heap`)
+        # the first call's set-up (`_settle_heap`): the eager kernels' compilation, the GEMM tuning
+        self.setup_stats: dict = {}
         self.compile_graphs = config.compile_graphs if compile_graphs is None else compile_graphs
         self._busy = False
         self.sampler = BatchSampler(self.device)
@@ -244,6 +245,8 @@ class LLM:
             # no row sees more slots than the pool holds or positions than RoPE covers
             width = min(self.kv.num_slots, a.max_position_embeddings)
             graphs = DecodeGraphs(self.model, self.kv.k, self.kv.v, width, sample=False, compile=self.compile_graphs)
+            if self.config.tune_gemms and self.config.decode_gemm == "triton":
+                self._tune_gemms(graphs.buckets)
             graphs.capture()  # kept only once whole: a failed capture is tried again at the next call
             self.graphs = graphs
         if self.device.type == "cuda" and not self._eager_compiled:
@@ -257,7 +260,7 @@ class LLM:
                     n = compile_eager_kernels(self.model, self.kv.k[0], self.kv.v[0], self.config.max_batch_tokens,
                                               attention=isinstance(self.attn, TritonPagedAttention),
                                               sample=sampling.FUSED)
-                self.setup_stats = {"eager_launches": n, "jit_compiles": jit.count, "jit_ms": jit.ms}
+                self.setup_stats.update(eager_launches=n, jit_compiles=jit.count, jit_ms=jit.ms)
             except Exception as e:  # an optimisation only: the kernels then compile at their first use
                 warnings.warn(f"compiling the eager steps' Triton kernels ahead failed ({e!r}); they compile "
                               "at first use, mid-call", RuntimeWarning, stacklevel=2)
@@ -267,6 +270,21 @@ class LLM:
             gc.collect()
             gc.freeze()
             self._heap_frozen = True
+
+    def _tune_gemms(self, rows: list[int]) -> None:
+        """The cuBLASLt algorithm of each product the buckets leave to cuBLAS (`tune_decode_gemms`), before the
+        capture bakes them into the graphs; `setup_stats` gets its time and how many products changed."""
+        from engine.decode_linear import tune_decode_gemms
+
+        t0 = clock()
+        try:
+            reports = tune_decode_gemms(self.model, rows)
+        except Exception as e:  # an optimisation only: F.linear stays where tuning fails
+            warnings.warn(f"timing cuBLASLt's GEMM algorithms failed ({e!r}); F.linear runs every product cuBLAS "
+                          "takes", RuntimeWarning, stacklevel=2)
+            return
+        self.setup_stats.update(gemm_tuning_ms=(clock() - t0) * 1e3, gemm_tuned=len(reports),
+                                gemm_retuned=sum(r["choice"] is not None for r in reports))
 
     def _report(self, finished: list[Request], done: dict[int, Trajectory], on_finished) -> None:
         """Build and hand out the trajectories of requests finished since the last call (`finished` only grows)."""

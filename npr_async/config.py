@@ -66,6 +66,9 @@ class EngineConfig(Section):
     # shape; 4.1-4.4 vs 4.0-4.3 ms per forward in a 0.6B rollout call) and skips a 1-3 minute first-call compile
     compile_graphs: bool = False
     decode_gemm: Literal["torch", "triton"] = "triton"  # on CUDA: projections of small batches (engine/decode_linear.py)
+    # with cuda_graphs and decode_gemm triton: before the capture, time cuBLASLt's algorithms for the products each
+    # bucket leaves to cuBLAS and run the fastest where it beats F.linear (engine/cublaslt.py; ~1-2 s once)
+    tune_gemms: bool = True
     branch_repetition_penalty: PosFloat = 1.02
 
 
