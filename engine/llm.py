@@ -284,7 +284,7 @@ class LLM:
                           "takes", RuntimeWarning, stacklevel=2)
             return
         self.setup_stats.update(gemm_tuning_ms=(clock() - t0) * 1e3, gemm_tuned=len(reports),
-                                gemm_retuned=sum(r["choice"] is not None for r in reports))
+                                gemm_retuned=sum(r["choice"] is not None for r in reports), gemm_tuning=reports)
 
     def _report(self, finished: list[Request], done: dict[int, Trajectory], on_finished) -> None:
         """Build and hand out the trajectories of requests finished since the last call (`finished` only grows)."""
