@@ -30,6 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench import e2e  # noqa: E402
+from bench.gpu_clocks import GpuClocks  # noqa: E402
 from engine.gc_pauses import GcPauses  # noqa: E402
 
 
@@ -84,14 +85,15 @@ def main(argv=None) -> int:
         params = [msgspec.structs.replace(base, seed=k * 100_003 + j) for j in range(len(prompts))]
         sync()
         t = time.perf_counter()
-        with GcPauses() as pauses:
+        with GcPauses() as pauses, GpuClocks() as clocks:  # a slow call: lower clocks, or more work?
             out = llm.generate(prompts, params, on_finished=lambda i, traj: None, max_running=a.samples)
             sync()
         wall = time.perf_counter() - t
         rec = {"compile": compiled, "norm_kernel": norm, "call": k, "wall_s": wall, **llm.last_stats,
                "ms_per_forward": 1e3 * wall / llm.last_stats["forwards"],
                "tokens_per_s": sum(x.num_tokens for x in out) / wall,
-               "tokens_per_sample": sum(x.num_tokens for x in out) / len(out), "gc": pauses.by_generation}
+               "tokens_per_sample": sum(x.num_tokens for x in out) / len(out), "gc": pauses.by_generation,
+               **clocks.summary()}
         res["calls"].append(rec)
         Path(a.out).write_text(json.dumps(res, indent=1))
         print(f"compile={int(compiled)} norm={int(norm)} call {k}{' (warm-up)' if k == 0 else ''}: {wall:.3f} s, "
@@ -100,7 +102,9 @@ def main(argv=None) -> int:
               f"for the device's tokens; garbage collector "
               + ", ".join(f"gen{g} {n}x {ms:.1f} ms" for g, (n, ms) in sorted(pauses.by_generation.items()))
               + f"; {rec['jit_compiles']} Triton compiles, {rec['jit_ms'] / 1e3:.2f} s; host s: "
-              + ", ".join(f"{p} {rec[f'{p}_ms'] / 1e3:.3f}" for p in HOST_PHASES), flush=True)
+              + ", ".join(f"{p} {rec[f'{p}_ms'] / 1e3:.3f}" for p in HOST_PHASES)
+              + (f"; SM {rec['sm_mhz']} MHz mean, {rec['sm_mhz_min']} min, {rec['power_w']} W" if "sm_mhz" in rec else ""),
+              flush=True)
         if k == 0 and llm.setup_stats:  # the eager kernels compiled ahead (engine/jit_warmup.py)
             st = rec["setup"] = llm.setup_stats
             print(f"  set-up: {st.get('eager_launches')} eager-kernel launches, {st.get('jit_compiles')} Triton "
