@@ -27,6 +27,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from engine.host_copies import pinned, upload
 from engine.model import CausalLM
 from engine.scheduler import independent
 from engine.slot_decode import decode_step, fork_groups, rows_per_group
@@ -187,11 +188,11 @@ class DecodeGraphs:
         host[5, :g], host[6, :g] = starts, trunks
         host[5, g:] = np.arange(n, n + self.max_batch + 1 - g)  # padding rows: groups of their own
         host[6, g:] = 0
-        self.inputs.copy_(torch.from_numpy(host), non_blocking=True)
+        self.inputs.copy_(pinned(host, self.inputs.device), non_blocking=True)
         if fed is not None:
             self.ids[:n].copy_(fed)
         if patches[0]:
-            p = torch.from_numpy(np.array(patches, dtype=np.int32)).to(self.table.device, non_blocking=True)
+            p = upload(np.array(patches, dtype=np.int32), self.table.device)
             self.table[p[0], p[1]] = p[2]
         b = self.bucket(n)
         self._replay(b, fork)

@@ -26,6 +26,7 @@ import torch
 
 from engine import step_ahead
 from engine.gc_pauses import GcPauses
+from engine.host_copies import upload
 from engine.jit_compiles import TritonCompiles
 from engine.kv_store import KVStore
 from engine.npr_state import Limits, Request
@@ -376,11 +377,11 @@ class LLM:
             if it.sample is not None:
                 rows.append(len(ids) - 1)
         self.attn.prepare(seqs, independent=independent(items))
-        x = torch.from_numpy(np.array([ids, pos], dtype=np.int64)).to(self.device, non_blocking=True)
+        x = upload(np.array([ids, pos], dtype=np.int64), self.device)
         hidden = self.model(x[0], x[1], self.attn)
         if not rows:
             return None
-        sel = torch.from_numpy(np.array(rows, dtype=np.int64)).to(self.device, non_blocking=True)
+        sel = upload(np.array(rows, dtype=np.int64), self.device)
         return self.model.compute_logits(hidden[sel])
 
     def _graphs_for(self, items):

@@ -25,6 +25,7 @@ import msgspec
 import numpy as np
 import torch
 
+from engine.host_copies import Readback, upload
 from npr_async.config import EngineConfig, SamplingConfig
 
 _E, _S = EngineConfig(), SamplingConfig()
@@ -216,7 +217,7 @@ class BatchSampler:
     its penalty is on, a row of `seen`, the device table of its own sampled tokens (row 0: a dummy for rows
     without a penalty). A step sends the rows' parameters, uniforms, table rows and token counts in two
     host-to-device copies, appends the sampled tokens to the table on the device and syncs once, reading
-    tokens and logprobs back together.
+    tokens and logprobs back together (into pinned memory behind an event: `engine/host_copies.py`).
     """
 
     def __init__(self, device):
@@ -263,16 +264,16 @@ class BatchSampler:
         """Sample row i of float logits [len(todo), V] (changed in place) for todo[i].sample of todo[i].req."""
         return self.collect(self.launch(logits, todo)[1])
 
-    def collect(self, out: torch.Tensor) -> tuple[list[int], list[float]]:
+    def collect(self, out: Readback) -> tuple[list[int], list[float]]:
         """Tokens and logprobs of a `launch`, read to the host (the step's one sync)."""
         t = time.perf_counter()
-        tokens, logprobs = out.tolist()
+        tokens, logprobs = out.tolist()  # a Readback: waits for this step's copy, not for a step launched after it
         self.wait_s += time.perf_counter() - t
         return list(map(int, tokens)), logprobs
 
-    def launch(self, logits: torch.Tensor, todo, ahead: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-        """`__call__` without reading back: (tokens int64 [n] on the device, the [2, n] float64 pair that
-        `collect` reads). ahead=1: each branch draws the token after the one it is drawing now, not yet on
+    def launch(self, logits: torch.Tensor, todo, ahead: int = 0) -> tuple[torch.Tensor, Readback]:
+        """`__call__` without reading back: (tokens int64 [n] on the device, the [2, n] float64 pair of tokens
+        and logprobs on its way to the host, which `collect` reads). ahead=1: each branch draws the token after the one it is drawing now, not yet on
         the host (its position + 1; its own tokens on the device already hold the current one)."""
         n = len(todo)
         prs, ks = [], []  # flat, n rows each: numpy converts one flat list faster than a list of tuples
@@ -286,15 +287,15 @@ class BatchSampler:
         f[:5] = np.array(prs, dtype=np.float32).reshape(n, 5).T
         f[5] = uniforms(ints[0], ints[1])
         dev = self.device
-        fd = torch.from_numpy(f).to(dev, non_blocking=True)
+        fd = upload(f, dev)
         table = ints[2:] if ints[2].any() else None
         if table is not None:
             width = int(table[1].max())
             self._grow(0, width + 1)
-            td = torch.from_numpy(np.ascontiguousarray(table)).to(dev, non_blocking=True)
+            td = upload(table, dev)
             if width:
                 penalize(logits, self.seen[:, :width].index_select(0, td[0]), td[1], fd[3])
         tokens, logprobs = draw(logits, fd, f)
         if table is not None:  # own tokens, on the device (rows without a penalty all write the dummy row)
             self.seen[td[0], td[1]] = tokens.int()
-        return tokens, torch.stack((tokens.double(), logprobs.double()))
+        return tokens, Readback(torch.stack((tokens.double(), logprobs.double())))
