@@ -13,17 +13,18 @@ import numpy as np
 import torch
 
 
-def pinned(array: np.ndarray, device: torch.device) -> torch.Tensor:
-    """`array` as a CPU tensor to copy to `device` with non_blocking=True: in pinned memory for a GPU."""
-    t = torch.from_numpy(np.ascontiguousarray(array))
-    if device.type != "cuda":
+def pinned(array: np.ndarray | torch.Tensor, device: torch.device) -> torch.Tensor:
+    """`array` (numpy or a CPU tensor) as a CPU tensor to copy to `device` with non_blocking=True: in pinned
+    memory for a GPU."""
+    t = array if isinstance(array, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(array))
+    if torch.device(device).type != "cuda":
         return t
     out = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
     out.copy_(t)
     return out
 
 
-def upload(array: np.ndarray, device: torch.device) -> torch.Tensor:
+def upload(array: np.ndarray | torch.Tensor, device: torch.device) -> torch.Tensor:
     """`array` on `device`, copied asynchronously (from pinned memory on a GPU)."""
     return pinned(array, device).to(device, non_blocking=True)
 

@@ -13,9 +13,11 @@ same `prepare` / `__call__` interface.
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
+from engine.host_copies import upload
 from engine.kv_store import KVStore
 
 
@@ -33,7 +35,7 @@ class PagedAttention:
             new_slots.extend(ctx[len(ctx) - n:])
             (decodes if n == 1 else extends).append((row, n, ctx))
             row += n
-        self.slot_mapping = torch.tensor(new_slots, dtype=torch.long, device=dev)
+        self.slot_mapping = upload(np.array(new_slots, dtype=np.int64), dev)
         # decodes and extends apart: a decode padded to a prompt's query count would waste the prompt's work
         self.calls = [_padded_call(group, dev) for part in (decodes, extends) for group in _group_by_length(part)]
 
@@ -90,7 +92,7 @@ def _padded_call(group: list[tuple[int, int, list[int]]], dev: torch.device):
     q_idx = torch.where(valid, rows[:, None] + j[None, :], 0)
     col = torch.arange(l_max)[None, None, :]
     mask = (col <= (lens - ns)[:, None, None] + j[None, :, None]) & (col < lens[:, None, None])
-    return q_idx.to(dev), valid.to(dev), kv_idx.to(dev), mask[:, None].to(dev)
+    return upload(q_idx, dev), upload(valid, dev), upload(kv_idx, dev), upload(mask[:, None], dev)
 
 
 def _heads(x: torch.Tensor, group: int) -> torch.Tensor:

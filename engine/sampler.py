@@ -248,7 +248,7 @@ class BatchSampler:
             row = self.free.pop()
             if b.own:  # e.g. a branch whose row was released: its tokens so far
                 self._grow(0, len(b.own) + 1)
-                self.seen[row, :len(b.own)] = torch.tensor(b.own, dtype=torch.int32)
+                self.seen[row, :len(b.own)] = upload(np.array(b.own, dtype=np.int32), self.device)
         b.draw = (branch_seed(req.seed, b.path), row_params(p, pen), row)
         return b.draw
 

@@ -17,10 +17,12 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import triton
 import triton.language as tl
 
+from engine.host_copies import upload
 from engine.paged_attention import PagedAttention
 from engine.triton_qk_rope import joined, normed_rotated
 
@@ -314,9 +316,9 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
 
 def csr(contexts: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row slot lists -> (indptr int32 [R+1], indices int32 [nnz]) on `device` (one copy each)."""
-    lens = torch.tensor([0] + [len(c) for c in contexts], dtype=torch.int32)
-    flat = [s for c in contexts for s in c]
-    return lens.cumsum(0, dtype=torch.int32).to(device), torch.tensor(flat, dtype=torch.int32).to(device)
+    lens = np.array([0] + [len(c) for c in contexts], dtype=np.int32)
+    flat = np.fromiter((s for c in contexts for s in c), dtype=np.int32, count=int(lens.sum()))
+    return upload(np.cumsum(lens, dtype=np.int32), device), upload(flat, device)
 
 
 class TritonPagedAttention(PagedAttention):
@@ -345,7 +347,7 @@ class TritonPagedAttention(PagedAttention):
         # the KV write fuses into the attention launch when each row's new token is its last entry and no row
         # sees another row's new token (it would read the slot while that row's program writes it)
         self.fused_write = independent and all(n == 1 for _, n in seqs)
-        self.slot_mapping = torch.tensor(new_slots, dtype=torch.int32).to(dev)
+        self.slot_mapping = upload(np.array(new_slots, dtype=np.int32), dev)
         self.indptr, self.indices = csr(rows, dev)
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
