@@ -45,12 +45,12 @@ class PagedAttention:
         vc[self.slot_mapping] = v.to(vc.dtype)
         out = torch.empty_like(q)
         group = q.shape[1] // k.shape[1]  # GQA: query heads per KV head
-        for q_idx, valid, kv_idx, mask in self.calls:
+        for q_idx, kv_idx, mask, src, dst in self.calls:
             qe = q[q_idx].transpose(1, 2)  # [B, Hq, n_max, D]
             ke = _heads(kc[kv_idx], group).to(q.dtype)  # [B, Hq, L_max, D]
             ve = _heads(vc[kv_idx], group).to(q.dtype)
             oe = F.scaled_dot_product_attention(qe, ke, ve, attn_mask=mask)
-            out[q_idx[valid]] = oe.transpose(1, 2)[valid]
+            out[dst] = oe.transpose(1, 2).flatten(0, 1)[src]  # integer rows: a boolean index would sync the GPU
         return out
 
 
@@ -78,10 +78,11 @@ def _group_by_length(seqs: list[tuple[int, int, list[int]]]) -> list[list[tuple[
 
 def _padded_call(group: list[tuple[int, int, list[int]]], dev: torch.device):
     """One SDPA call's inputs for sequences (flat row of the first new token, n new tokens, context slots):
-    q_idx [B, n_max] flat token rows (padding repeats row 0), valid [B, n_max], kv_idx [B, L_max] slots (padding:
-    slot 0, masked), mask [B, 1, n_max, L_max]: query j of an extend with n new tokens and L context slots sees
-    columns up to L - n + j. Padded queries see their row's real columns (never an empty row: no NaN); their
-    output is dropped."""
+    q_idx [B, n_max] flat token rows (padding repeats row 0), kv_idx [B, L_max] slots (padding: slot 0, masked),
+    mask [B, 1, n_max, L_max]: query j of an extend with n new tokens and L context slots sees columns up to
+    L - n + j; src / dst: the real queries' rows in the call's flattened [B * n_max] output and in the forward's
+    token order. Padded queries see their row's real columns (never an empty row: no NaN); their output is
+    dropped."""
     b, n_max, l_max = len(group), max(n for _, n, _ in group), max(len(c) for _, _, c in group)
     kv_idx = torch.zeros(b, l_max, dtype=torch.long)
     rows, ns, lens = (torch.tensor(v) for v in zip(*((row, n, len(c)) for row, n, c in group)))
@@ -92,7 +93,9 @@ def _padded_call(group: list[tuple[int, int, list[int]]], dev: torch.device):
     q_idx = torch.where(valid, rows[:, None] + j[None, :], 0)
     col = torch.arange(l_max)[None, None, :]
     mask = (col <= (lens - ns)[:, None, None] + j[None, :, None]) & (col < lens[:, None, None])
-    return upload(q_idx, dev), upload(valid, dev), upload(kv_idx, dev), upload(mask[:, None], dev)
+    src = valid.flatten().nonzero().squeeze(1)  # on the host, before the upload
+    dst = q_idx.flatten()[src]
+    return upload(q_idx, dev), upload(kv_idx, dev), upload(mask[:, None], dev), upload(src, dev), upload(dst, dev)
 
 
 def _heads(x: torch.Tensor, group: int) -> torch.Tensor:

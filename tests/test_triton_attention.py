@@ -403,3 +403,28 @@ def test_llm_cuda_graphs_match_eager(tmp_path, monkeypatch, dtype, ahead, fork):
         assert n >= min(len(ia), len(ib), a.prompt_len + 16)
         torch.testing.assert_close(torch.tensor(a.lps()[:n]), torch.tensor(b.lps()[:n]), rtol=tol, atol=tol,
                                    equal_nan=True)
+
+
+@pytest.mark.parametrize("ahead", [False, True])
+def test_llm_loop_never_syncs_but_for_its_read_back(tmp_path, monkeypatch, ahead):
+    """Issue 8: no host synchronisation in the decode loop beyond the one per step the state machine needs (the
+    step's tokens, read through an event: engine/host_copies.py, not counted by torch's sync debug mode). After
+    the first call (graph capture, GEMM tuning and compiles sync), a whole generate call (prompt chunks, forks,
+    joins, graph steps, steps ahead) runs with torch's sync debug mode set to raise at any synchronising op: a
+    blocking copy, `.item()`, a boolean index."""
+    import engine.llm as llm_mod
+    from engine import LLM
+    from npr_async.config import EngineConfig
+
+    monkeypatch.setattr(llm_mod, "STEP_AHEAD", ahead)
+    d, prompts, p = forked_greedy_workload(tmp_path)
+    llm = LLM(d, config=EngineConfig(kv_slots=4096, max_batch_tokens=512, attention_backend="triton",
+                                     cuda_graphs=True), device="cuda")
+    first = llm.generate(prompts, p)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        again = llm.generate(prompts, p)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert llm.last_stats["graph_steps"] > 0 and (llm.last_stats["steps_ahead"] > 0) == ahead
+    assert [t.ids().tolist() for t in again] == [t.ids().tolist() for t in first]  # greedy: the same work
