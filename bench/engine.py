@@ -223,8 +223,9 @@ def measure_decode(run, args, res, batches, weight_bytes, kv_token_bytes, tag) -
         prompts = torch.randint(0, run.model.args.vocab_size, (b, args.prompt), device="cuda")
         run.generate(prompts, 1, 8, 0.0)  # warm-up (prefill shapes)
         with torch.inference_mode():
-            t_pre = timed(lambda: run.model(prompts.flatten(), torch.arange(args.prompt, device="cuda").repeat(b),
-                                            Prefill(k_cache, v_cache, run.perm[:b * args.prompt].int(), b, args.prompt)))
+            pos = torch.arange(args.prompt, device="cuda").repeat(b)
+            slots = run.perm[:b * args.prompt].int()
+            t_pre = timed(lambda: run.model(prompts.flatten(), pos, Prefill(k_cache, v_cache, slots, b, args.prompt)))
         with GpuClocks() as clocks:  # the loop runs for seconds: did it hold the clocks a short burst gets?
             t_all = timed(lambda: run.generate(prompts, 1, args.new, 0.0))
         t_dec = run.decode_ms() * 1e-3
@@ -351,7 +352,9 @@ def bench_hf(model, args, res, save):
         ids = torch.randint(0, QWEN3_4B["vocab_size"], (b, args.prompt), device="cuda")
         kw = dict(attention_mask=torch.ones_like(ids), do_sample=False, cache_implementation="static",
                   pad_token_id=0)
-        gen = lambda n, c: hf.generate(ids, max_new_tokens=n, min_new_tokens=n, disable_compile=not c, **kw)  # noqa: E731
+
+        def gen(n, c):
+            return hf.generate(ids, max_new_tokens=n, min_new_tokens=n, disable_compile=not c, **kw)
         timed(lambda: gen(4, False))  # warm-up
         t = timed(lambda: gen(args.new, False))
         out.append(dict(batch=b, e2e_tok_s=b * args.new / t, total_s=t))
@@ -381,8 +384,8 @@ def table(res) -> str:
                      f"{r['roofline_tok_s']:.0f} | {100 * r['roofline_frac']:.0f}% | {h.get('e2e_tok_s', 0):.0f} | "
                      f"{hc} | {ratio} |")
     lines += ["", "| K branches x L | parallel s | sequential s | speedup |", "|---|---|---|---|"]
-    lines += [f"| {f['k']} x {f['branch_len']} | {f['parallel_s']:.2f} | {f['sequential_s']:.2f} | {f['speedup']:.2f}x |"
-              for f in res["fork"]]
+    lines += [(f"| {f['k']} x {f['branch_len']} | {f['parallel_s']:.2f} | {f['sequential_s']:.2f} | "
+               f"{f['speedup']:.2f}x |") for f in res["fork"]]
     direct = {(d["requests"], d["k"]): d for d in res.get("llm_direct", [])}
     if res.get("llm"):
         lines += ["", "| engine.LLM R requests x K plans (rows) | graphs | tokens | LLM s | LLM tok/s | direct tok/s "
@@ -418,9 +421,9 @@ def main(argv=None) -> int:
     ap.add_argument("--hf-compile", default="", help="batch sizes whose HF generate is torch.compiled")
     ap.add_argument("--gemm", default="triton-tuned", help="decode GEMMs: triton-tuned (the engine's default: "
                     "EngineConfig.tune_gemms), triton (Triton for few rows, cuBLAS's own picks else), torch (cuBLAS); "
-                    "-lt appended (triton-lt, torch-lt): cuBLASLt where cuBLAS would run; -tuned appended (triton-tuned): "
-                    "cuBLASLt's algorithms timed per product and row count, the fastest run; a list measures the decode "
-                    "table once per entry, the first is used for everything else")
+                    "-lt appended (triton-lt, torch-lt): cuBLASLt where cuBLAS would run; -tuned appended "
+                    "(triton-tuned): cuBLASLt's algorithms timed per product and row count, the fastest run; a list "
+                    "measures the decode table once per entry, the first is used for everything else")
     ap.add_argument("--fuse", type=int, default=1, help="fused q/k/v and gate/up GEMMs (engine inference)")
     ap.add_argument("--llm", default="1x4,16x4", help="engine.LLM loop cases RxK ('' skips)")
     ap.add_argument("--llm-eager", type=int, default=1, help="0: the engine.LLM cases with CUDA graphs only")

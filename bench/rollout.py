@@ -103,14 +103,15 @@ def main(argv=None) -> int:
               + ", ".join(f"gen{g} {n}x {ms:.1f} ms" for g, (n, ms) in sorted(pauses.by_generation.items()))
               + f"; {rec['jit_compiles']} Triton compiles, {rec['jit_ms'] / 1e3:.2f} s; host s: "
               + ", ".join(f"{p} {rec[f'{p}_ms'] / 1e3:.3f}" for p in HOST_PHASES)
-              + (f"; SM {rec['sm_mhz']} MHz mean, {rec['sm_mhz_min']} min, {rec['power_w']} W" if "sm_mhz" in rec else ""),
+              + (f"; SM {rec['sm_mhz']} MHz mean, {rec['sm_mhz_min']} min, {rec['power_w']} W"
+                 if "sm_mhz" in rec else ""),
               flush=True)
         if k == 0 and llm.setup_stats:  # the eager kernels compiled ahead (engine/jit_warmup.py)
             st = rec["setup"] = llm.setup_stats
             print(f"  set-up: {st.get('eager_launches')} eager-kernel launches, {st.get('jit_compiles')} Triton "
-                  f"compiles, {st.get('jit_ms', 0) / 1e3:.2f} s; cuBLASLt tuning {st.get('gemm_tuning_ms', 0) / 1e3:.2f}"
-                  f" s, {st.get('gemm_retuned', 0)} of {st.get('gemm_tuned', 0)} products on another algorithm",
-                  flush=True)
+                  f"compiles, {st.get('jit_ms', 0) / 1e3:.2f} s; cuBLASLt tuning "
+                  f"{st.get('gemm_tuning_ms', 0) / 1e3:.2f} s, {st.get('gemm_retuned', 0)} of "
+                  f"{st.get('gemm_tuned', 0)} products on another algorithm", flush=True)
         if rec["jit_compiles"]:
             rec["jit_kernels"], rec["jit_signatures"] = dict(llm.last_jit.by_kernel), llm.last_jit.signatures
             print("  compiled: " + ", ".join(f"{k} {n}x" for k, n in llm.last_jit.by_kernel.most_common()), flush=True)

@@ -28,8 +28,8 @@ _DESC_TRANSA, _DESC_TRANSB, _OP_N, _OP_T = 3, 4, 0, 1
 _PREF_MAX_WORKSPACE, _PREF_REDUCTION_MASK = 1, 3
 _CAP_SPLITK, _CFG_SPLITK, _CFG_REDUCTION = 0, 2, 3
 REDUCTION_COMPUTE_TYPE = 2  # cublasLtReductionScheme_t: partials in float32 in the workspace, then reduced
-SPLITS = (2, 3, 4, 6, 8, 12, 16)
-TUNE_BYTES = 512 << 20  # weight bytes streamed per timed replay: ten times the H200's 50-MB L2  # split-K counts tried on top of each algorithm's own
+SPLITS = (2, 3, 4, 6, 8, 12, 16)  # split-K counts tried on top of each algorithm's own
+TUNE_BYTES = 512 << 20  # weight bytes streamed per timed replay: ten times the H200's 50-MB L2
 _STATUS = {1: "NOT_INITIALIZED", 3: "ALLOC_FAILED", 7: "INVALID_VALUE", 8: "ARCH_MISMATCH", 13: "EXECUTION_FAILED",
            14: "INTERNAL_ERROR", 15: "NOT_SUPPORTED"}
 

@@ -7,8 +7,8 @@ All k/v of a layer are written before any query of that layer attends, so one fo
 segment and, in the same pass, a child segment that attends to it.
 
 Decodes (one new token) and extends (prompts), each apart, are sorted by context length and grouped so that
-padding at most doubles a group's context slots: one SDPA call per group with a causal-within-context mask. One call per extend cost ~0.2 ms of host time per sequence and layer: 0.5 s
-for the 96 prompts a rollout admits at once (0.6B shape, H200). A Triton backend replaces this class behind the
+padding at most doubles a group's context slots: one SDPA call per group with a causal-within-context mask.
+One call per extend cost ~0.2 ms of host time per sequence and layer: 0.5 s for the 96 prompts a rollout admits at once (0.6B shape, H200). A Triton backend replaces this class behind the
 same `prepare` / `__call__` interface.
 """
 from __future__ import annotations

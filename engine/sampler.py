@@ -273,8 +273,9 @@ class BatchSampler:
 
     def launch(self, logits: torch.Tensor, todo, ahead: int = 0) -> tuple[torch.Tensor, Readback]:
         """`__call__` without reading back: (tokens int64 [n] on the device, the [2, n] float64 pair of tokens
-        and logprobs on its way to the host, which `collect` reads). ahead=1: each branch draws the token after the one it is drawing now, not yet on
-        the host (its position + 1; its own tokens on the device already hold the current one)."""
+        and logprobs on its way to the host, which `collect` reads). ahead=1: each branch draws the token after
+        the one it is drawing now, not yet on the host (its position + 1; its own tokens on the device already
+        hold the current one)."""
         n = len(todo)
         prs, ks = [], []  # flat, n rows each: numpy converts one flat list faster than a list of tuples
         for it in todo:

@@ -65,7 +65,8 @@ class EngineConfig(Section):
     # RMSNorm (engine/triton_norm.py) the uncompiled step is as fast (H200: 3.86 ms both at 64 rows of the 4B
     # shape; 4.1-4.4 vs 4.0-4.3 ms per forward in a 0.6B rollout call) and skips a 1-3 minute first-call compile
     compile_graphs: bool = False
-    decode_gemm: Literal["torch", "triton"] = "triton"  # on CUDA: projections of small batches (engine/decode_linear.py)
+    # on CUDA: the projections of small batches through engine/decode_linear.py
+    decode_gemm: Literal["torch", "triton"] = "triton"
     # with cuda_graphs and decode_gemm triton: before the capture, time cuBLASLt's algorithms for the products each
     # bucket leaves to cuBLAS and run the fastest where it beats F.linear (engine/cublaslt.py; ~1-2 s once)
     tune_gemms: bool = True
