@@ -321,7 +321,8 @@ class LLM:
             logits = graphs.run_items(items, self.kv.slots)
             self._graph_steps += 1
             if todo and len(todo) < len(items):
-                logits = logits[sampling]
+                # rows by a device index: a Python list would go up in a blocking copy (a sync)
+                logits = logits.index_select(0, upload(np.array(sampling, dtype=np.int64), self.device))
         else:
             logits = self._forward(items)
         if todo:
