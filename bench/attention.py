@@ -25,7 +25,7 @@ import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.gemm import graph_ms  # noqa: E402
+from engine.cublaslt import graph_ms  # noqa: E402
 from engine.triton_attention import decode_attention, default_block_n, default_splits, default_stages  # noqa: E402
 from engine.triton_fork_attention import fork_decode_attention  # noqa: E402
 from engine.triton_qk_rope import rotate_q_k  # noqa: E402

@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.engine import copy_bandwidth  # noqa: E402
 from engine import cublaslt  # noqa: E402
-from engine.cublaslt import graph_ms  # noqa: E402,F401  (bench/sampling.py times through it too)
+from engine.cublaslt import graph_ms  # noqa: E402
 from engine.triton_gemm import skinny_linear  # noqa: E402
 
 SHAPES = {  # name -> (N, K, times per step); Qwen3-4B: hidden 2560, 32 x 128 q heads, 8 kv heads, MLP 9728

@@ -21,7 +21,7 @@ import triton
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.engine import copy_bandwidth  # noqa: E402
-from bench.gemm import graph_ms  # noqa: E402
+from engine.cublaslt import graph_ms  # noqa: E402
 from engine import triton_sampling as ts  # noqa: E402
 
 

@@ -3,9 +3,9 @@
 F.linear takes cuBLAS's first heuristic pick for a shape. For the decode step's products that cuBLAS runs (q/k/v,
 o and down from 17 rows, everything at 256) the picks reach 52-66% of the copy bandwidth at 64 rows and 44-56% of
 the bf16 peak at 256 (BENCHMARKS.md). cuBLASLt lists more algorithms than the one it picks: `candidates` asks its
-heuristic for up to `count` of them and adds the split-K counts each one allows; `fastest` times every candidate
-in a CUDA graph over distinct weights (HBM time, as the engine streams them) against F.linear and keeps the winner
-only where it beats F.linear; `linear` runs one. The library is torch's own libcublasLt (found among the
+heuristic for up to `count` of them and adds the split-K counts each one allows; `time_candidates` times every
+candidate in a CUDA graph over distinct weights (HBM time, as the engine streams them) against F.linear; `tune`
+keeps the winner for `choice` only where it beats F.linear; `linear` runs one. The library is torch's own libcublasLt (found among the
 process's mappings), called through ctypes on torch's current stream, so the launches are CUDA-graph capturable.
 
 Split-K candidates reduce in float32 (`REDUCTION_COMPUTE_TYPE`), as F.linear's fp32 accumulation does; every
@@ -228,19 +228,20 @@ def time_candidates(x: torch.Tensor, weights: list[torch.Tensor], cands: list[Ca
     return base, timed
 
 
-# (rows, N, K, x's row stride, dtype, device) -> an algorithm measured faster than F.linear (`tune`)
+# (rows, N, K, x's and w's row strides, dtype, device) -> an algorithm measured faster than F.linear (`tune`)
 _CHOICE: dict[tuple, Algo] = {}
 
 
-def _key(m: int, n: int, k: int, ld_x: int, dtype: torch.dtype, device_index: int) -> tuple:
-    return m, n, k, ld_x, dtype, device_index
+def _key(x_shape, w: torch.Tensor, ld_x: int) -> tuple:
+    """The layouts an algorithm was checked for: a weight of the same shape but another stride is not them."""
+    return x_shape[0], w.shape[0], w.shape[1], ld_x, w.stride(0), w.dtype, w.device.index or 0
 
 
 def choice(x: torch.Tensor, weight: torch.Tensor) -> Algo | None:
     """The tuned algorithm for this product, or None (not tuned, F.linear was fastest, or `supports` fails)."""
     if not _CHOICE or not supports(x, weight):
         return None
-    return _CHOICE.get(_key(x.shape[0], weight.shape[0], x.shape[1], x.stride(0), x.dtype, x.device.index or 0))
+    return _CHOICE.get(_key(x.shape, weight, x.stride(0)))
 
 
 def clear() -> None:
@@ -250,7 +251,8 @@ def clear() -> None:
 
 def tune(m: int, weights: list[torch.Tensor], count: int = 8, splits: tuple[int, ...] = (),
          margin: float = 0.02) -> dict:
-    """Time [m, K] @ w^T for every candidate over `weights` (same shape, distinct; together larger than L2) and
+    """Time [m, K] @ w^T for every candidate over `weights` (same shape and strides, distinct; together larger
+    than L2) and
     keep the fastest for `choice` if it beats F.linear by more than `margin`. Returns what was measured. The
     defaults are what won on an H200 (BENCHMARKS.md): one of the heuristic's first 8, never an added split-K."""
     w0 = weights[0]
@@ -265,6 +267,6 @@ def tune(m: int, weights: list[torch.Tensor], count: int = 8, splits: tuple[int,
         best, ms = min(timed, key=lambda t: t[1])
         report.update(best=best.label, best_us=ms * 1e3, first_us=timed[0][1] * 1e3)
         if ms < base * (1 - margin):
-            _CHOICE[_key(m, n, k, k, w0.dtype, dev)] = best.algo
+            _CHOICE[_key(x.shape, w0, k)] = best.algo
             report["choice"] = best.label
     return report

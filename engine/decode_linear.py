@@ -112,23 +112,21 @@ def tune_decode_gemms(model, rows: list[int]) -> list[dict]:
     head = getattr(model, "head_weight", None)
     if head is not None and all(head is not w for ws in by_shape.values() for w in ws):
         by_shape.setdefault(tuple(head.shape), []).append(head)
+    groups = [ws for ws in by_shape.values() if _triton_capable(ws[0], ws[0])]  # GPU, half precision
+    if not groups:
+        return []
+    from engine import triton_gemm  # a GPU from here: Triton is there
+
     reports = []
-    for (n, k), weights in by_shape.items():
-        w0 = weights[0]
-        if not (w0.is_cuda and w0.dtype in (torch.bfloat16, torch.float16) and _tensor_cores(w0.device.index or 0)):
-            continue
+    for weights in groups:
         streamed, use = 0, []
         for w in weights:  # enough distinct copies to exceed L2 several times over, not all 36 layers
             use.append(w)
             streamed += w.numel() * w.element_size()
             if streamed >= cublaslt.TUNE_BYTES:
                 break
-        from engine import triton_gemm  # a GPU from here: Triton is there
-
         with torch.no_grad():
-            for m in rows:
-                if not triton_gemm.takes(m, n):
-                    reports.append(cublaslt.tune(m, use))
+            reports += [cublaslt.tune(m, use) for m in rows if not triton_gemm.takes(m, use[0].shape[0])]
     return reports
 
 
