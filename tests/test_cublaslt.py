@@ -94,6 +94,8 @@ def test_tune_records_only_a_faster_algorithm_and_decode_linear_runs_it():
         x = torch.randn(128, 1024, device="cuda", dtype=torch.bfloat16)
         assert cublaslt.choice(x, ws[3]) is not None
         assert cublaslt.choice(x[:64], ws[3]) is None  # another row count: not tuned
+        wide = torch.randn(2048, 2048, device="cuda", dtype=torch.bfloat16)[:, :1024]
+        assert cublaslt.choice(x, wide) is None  # the same shape in another layout: not what was checked
         torch.testing.assert_close(decode_linear(x, ws[3]), cublaslt.linear(x, ws[3], cublaslt.choice(x, ws[3])),
                                    rtol=0, atol=0)
         assert close(decode_linear(x, ws[3]), F.linear(x.float(), ws[3].float()))
