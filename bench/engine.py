@@ -35,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.append(str(Path(__file__).resolve().parent))
 from engine.cuda_graphs import DecodeGraphs, sample  # noqa: E402
 from engine.model import CausalLM, ModelArgs  # noqa: E402
+from engine import triton_attention  # noqa: E402
 from engine.triton_attention import store_kv  # noqa: E402
 from gpu_clocks import GpuClocks  # noqa: E402
 
@@ -142,20 +143,24 @@ def bench_ours(model, args, res):
     rows = sorted(set(batches + ks + [r * k for r, k in llm_cases(args)]))
     gemms = [x for x in args.gemm.split(",") if x]
     norms = [bool(int(x)) for x in str(args.norm_kernel).split(",") if x]
-    variants = [(gemm, norm) for gemm in gemms for norm in norms]
-    label = lambda gemm, norm: gemm if len(norms) == 1 else f"{gemm}/norm{int(norm)}"  # noqa: E731
+    tiles = [x for x in args.attn_tiles.split(",") if x]
+    variants = [(gemm, norm, tile) for gemm in gemms for norm in norms for tile in tiles]
+
+    def label(gemm, norm, tile):
+        return gemm + (f"/norm{int(norm)}" if len(norms) > 1 else "") + (f"/attn-{tile}" if len(tiles) > 1 else "")
     res["compiled_decode"] = bool(args.compile)
     res["decode_by_gemm"] = {}
-    for gemm, norm in reversed(variants):  # the first (the run's default) last, so its graphs serve the rest
+    for gemm, norm, tile in reversed(variants):  # the first (the run's default) last: its graphs serve the rest
+        name = label(gemm, norm, tile)
         tuning = set_gemm(model, gemm, rows)
         if tuning:
-            res[f"gemm_tuning_{label(gemm, norm)}"] = tuning
+            res[f"gemm_tuning_{name}"] = tuning
         set_norm(model, norm)
+        set_attention_tiles(tile)
         g = DecodeGraphs(model, k_cache, v_cache, max_ctx, buckets=rows, compile=bool(args.compile))
-        res[f"graph_capture_s_{label(gemm, norm)}"] = round(timed(lambda: g.capture()), 2)
+        res[f"graph_capture_s_{name}"] = round(timed(lambda: g.capture()), 2)
         run = Runner(model, g, torch.randperm(slots, device="cuda"))  # scattered slots, as in a live pool
-        res["decode_by_gemm"][label(gemm, norm)] = measure_decode(run, args, res, batches, weight_bytes,
-                                                                  kv_token_bytes, label(gemm, norm))
+        res["decode_by_gemm"][name] = measure_decode(run, args, res, batches, weight_bytes, kv_token_bytes, name)
     res["decode"] = res["decode_by_gemm"][label(*variants[0])]
     V = cfg.vocab_size
     if args.profile and batches:
@@ -189,6 +194,20 @@ def set_norm(model, on: bool) -> None:
     from engine.triton_norm import decode_rms_norm
 
     model.set_norm(decode_rms_norm if on and model.fused else None)
+
+
+_ENGINE_TILES = (triton_attention.default_block_n, triton_attention.default_stages)
+
+
+def set_attention_tiles(tile: str) -> None:
+    """--attn-tiles: 'default' = the engine's rule per batch; 'NxS' = BLOCK_N slots per tile and S pipeline
+    stages in every decode-attention launch (an A/B of the kernel's tiling inside the engine's step)."""
+    if tile == "default":
+        triton_attention.default_block_n, triton_attention.default_stages = _ENGINE_TILES
+        return
+    block_n, stages = (int(x) for x in tile.split("x"))
+    triton_attention.default_block_n = lambda rows, kv_heads: block_n
+    triton_attention.default_stages = lambda rows, kv_heads: stages
 
 
 def set_gemm(model, gemm: str, rows: list[int] = ()) -> list[dict]:
@@ -417,6 +436,8 @@ def main(argv=None) -> int:
                     help="comma-separated: 1 = RMSNorm and the residual add before it in one Triton launch where the "
                          "step is not compiled (engine/triton_norm.py, as the engine), 0 = the model's torch code; "
                          "each value with each --gemm (0,1: an A/B in one run)")
+    ap.add_argument("--attn-tiles", default="default", help="comma-separated decode-attention tilings: default (the "
+                    "engine's rule) or BLOCKxSTAGES, e.g. 64x5; each with each --gemm and --norm-kernel")
     ap.add_argument("--profile", type=int, default=0, help="1: per-kernel GPU time of one step")
     ap.add_argument("--hf-compile", default="", help="batch sizes whose HF generate is torch.compiled")
     ap.add_argument("--gemm", default="triton-tuned", help="decode GEMMs: triton-tuned (the engine's default: "

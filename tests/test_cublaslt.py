@@ -21,6 +21,7 @@ def close(y: torch.Tensor, ref: torch.Tensor, rtol: float = 1e-2) -> bool:
 
 
 def test_cpu_products_stay_on_f_linear():
+    cublaslt.clear()  # an earlier GPU test's LLM may have tuned its own shapes
     x, w = torch.randn(8, 64), torch.randn(32, 64)
     assert not cublaslt.supports(x, w)
     assert cublaslt.choice(x, w) is None
