@@ -205,7 +205,10 @@ def set_attention_tiles(tile: str) -> None:
     if tile == "default":
         triton_attention.default_block_n, triton_attention.default_stages = _ENGINE_TILES
         return
-    block_n, stages = (int(x) for x in tile.split("x"))
+    try:
+        block_n, stages = (int(x) for x in tile.split("x"))
+    except ValueError:
+        raise SystemExit(f"--attn-tiles: {tile!r} is neither 'default' nor BLOCKxSTAGES (e.g. 64x3)") from None
     triton_attention.default_block_n = lambda rows, kv_heads: block_n
     triton_attention.default_stages = lambda rows, kv_heads: stages
 
